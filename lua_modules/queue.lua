@@ -1,0 +1,87 @@
+-- queue.lua: the `queue` module (SPEC §5): publish, message, info.
+-- Contract: run once per Lua state by the host with (bridge, json, errors, state); returns
+-- `new(entry_id) -> module`. Arguments are checked here: a wrong argument type raises,
+-- every other failure is returned as (nil, err). The body is encoded strictly (a value
+-- that cannot travel unchanged is refused with Invalid) and handed to the host as JSON
+-- text; the host applies the queue's codec. `state.message` is the message of the handler
+-- call running now, set by the host around handler calls (nil elsewhere).
+local bridge, json, errors, state = ...
+local type, tostring, pairs, pcall, next, sub = type, tostring, pairs, pcall, next, string.sub
+local clean = json.utf8_clean
+
+local function fail(kind, message)
+    return nil, errors.new({ message = message, kind = kind })
+end
+
+local function check_headers(headers)
+    if headers == nil then return "" end
+    if type(headers) ~= "table" or errors.is_error(headers) then
+        error("bad argument #3 to 'publish' (table of headers expected, got " .. type(headers) .. ")", 3)
+    end
+    local clean_headers = {}
+    for k, v in pairs(headers) do
+        if type(k) ~= "string" then
+            return nil, "header names must be strings (got a " .. type(k) .. ")"
+        end
+        if sub(k, 1, 2) == "x_" then
+            return nil, "header '" .. k .. "' is reserved: names starting with 'x_' belong to the runtime"
+        end
+        local tv = type(v)
+        if tv ~= "string" and tv ~= "number" and tv ~= "boolean" then
+            return nil, "header '" .. k .. "' must be a string, number or boolean (got a " .. tv .. ")"
+        end
+        if tv == "number" and (v ~= v or v == math.huge or v == -math.huge) then
+            return nil, "header '" .. k .. "' must be a finite number"
+        end
+        clean_headers[k] = v
+    end
+    if next(clean_headers) == nil then return "" end
+    local encoded, err = json.encode_strict(clean_headers)
+    if not encoded then return nil, err:message() end
+    return encoded
+end
+
+local function call_host(fn, ...)
+    local ok, res, kind, msg = pcall(fn, ...)
+    if not ok then return fail("Internal", "the host failed to answer") end
+    if res == nil then return fail(kind or "Internal", msg or "unknown error") end
+    return res
+end
+
+local function new(entry_id)
+    local M = {}
+
+    function M.publish(queue_id, data, headers)
+        if type(queue_id) ~= "string" then
+            error("bad argument #1 to 'publish' (queue ID string expected, got " .. type(queue_id) .. ")", 2)
+        end
+        local headers_json, herr = check_headers(headers)
+        if headers_json == nil then return fail("Invalid", "queue.publish: " .. herr) end
+        local body, err = json.encode_strict(data)
+        if body == nil then
+            return fail("Invalid", "queue.publish: " .. err:message():gsub("^json%.encode: ", ""))
+        end
+        return call_host(bridge.publish, entry_id, clean(queue_id), body, headers_json)
+    end
+
+    function M.message()
+        local msg = state.message
+        if msg == nil then
+            return fail("Invalid", "queue.message() is only available inside a consumer handler")
+        end
+        return msg
+    end
+
+    function M.info(queue_id)
+        if type(queue_id) ~= "string" then
+            error("bad argument #1 to 'info' (queue ID string expected, got " .. type(queue_id) .. ")", 2)
+        end
+        local text, err = call_host(bridge.queue_info, entry_id, clean(queue_id))
+        if text == nil then return nil, err end
+        return json.decode(text)
+    end
+
+    return M
+end
+
+return { new = new }

@@ -1,0 +1,203 @@
+-- sandbox.lua: builds sandboxed environments and runs entries in one Lua state (SPEC §4).
+-- Contract: run once per Lua state by the host, in the trusted global environment, with
+-- (bridge, mods) where mods = {errors, json, logger, queue, time, state} are the loaded
+-- module factories and the per-state table shared with the queue module. Returns `host`, the only table the Python side calls:
+--   host.load(id, kind, text, chunkname, modules, imports, method) -> true | nil, msg, tb
+--   host.call(id, ...) -> true, n, exported | false, msg, tb, kind
+--   host.export(...) -> n, exported   (values made safe for Python: see export below)
+--   host.compile(text, chunkname) -> true | nil, msg   (syntax check, never runs code)
+--   host.state                       (shared per-state data, e.g. the current message)
+-- The sandbox is built by absence: a fresh environment table per entry holding only what
+-- SPEC §4 lists. Sandboxed code never sees the real globals, this table, or the bridge.
+local bridge, mods = ...
+local errors, json = mods.errors, mods.json
+local type, pairs, next, tostring, select, error = type, pairs, next, tostring, select, error
+local load, xpcall, setmetatable, rawget = load, xpcall, setmetatable, rawget
+local traceback, getinfo = debug.traceback, debug.getinfo
+local format, sub, find = string.format, string.sub, string.find
+
+-- Lock the shared pieces every state has before any user code runs.
+string.dump = nil
+getmetatable("").__metatable = false
+python = nil
+if package and package.loaded then package.loaded.python = nil end
+
+local BASE = { "assert", "error", "ipairs", "next", "pairs", "pcall", "xpcall", "select",
+               "tonumber", "tostring", "type", "unpack", "rawequal", "rawget", "rawset",
+               "setmetatable", "getmetatable" }
+local COPIED = { string = string, table = table, math = math, coroutine = coroutine }
+local OS_ALLOWED = { "time", "date", "clock", "difftime" }
+local real = {}
+for _, name in ipairs(BASE) do real[name] = _G[name] end
+
+local function shallow_copy(t)
+    local out = {}
+    for k, v in pairs(t) do out[k] = v end
+    return out
+end
+
+local state = mods.state
+local host = { state = state }
+local loaded = {}        -- entry id -> { value = chunk result, fn = entry point }
+
+local MODULE_FACTORIES = {
+    json = function() return { encode = json.encode, decode = json.decode } end,
+    logger = function(id) return mods.logger.new(id) end,
+    queue = function(id) return mods.queue.new(id) end,
+    time = function() return mods.time.new() end,
+}
+
+local function new_env(entry_id, modules, imports)
+    local env = {}
+    for name, fn in pairs(real) do env[name] = fn end
+    for name, t in pairs(COPIED) do env[name] = shallow_copy(t) end
+    local os_copy = {}
+    for _, name in ipairs(OS_ALLOWED) do os_copy[name] = os[name] end
+    env.os = os_copy
+    env.errors = errors.public()
+    env.print = mods.logger.print(entry_id)
+    env._G = env
+    env._VERSION = _VERSION
+
+    local allowed, cache = {}, {}
+    for _, name in ipairs(modules) do allowed[name] = true end
+    env.require = function(name)
+        if type(name) ~= "string" then
+            error("bad argument #1 to 'require' (string expected, got " .. type(name) .. ")", 2)
+        end
+        local cached = cache[name]
+        if cached ~= nil then return cached end
+        local value
+        local lib = imports[name]
+        if lib ~= nil then
+            local entry = loaded[lib]
+            if entry == nil then error("library '" .. lib .. "' is not loaded", 2) end
+            value = entry.value
+        elseif allowed[name] and MODULE_FACTORIES[name] then
+            value = MODULE_FACTORIES[name](entry_id)
+        elseif COPIED[name] or name == "os" or name == "errors" then
+            value = env[name]
+        end
+        if value == nil then error("module '" .. name .. "' not found", 2) end
+        cache[name] = value
+        return value
+    end
+    return env
+end
+
+local function on_error(e)
+    local msg
+    if errors.is_error(e) then
+        msg = tostring(e)
+    elseif type(e) == "string" then
+        msg = e
+    else
+        msg = tostring(e)
+    end
+    return { msg = json.utf8_clean(msg), tb = json.utf8_clean(traceback("", 2)), err = e }
+end
+
+local function error_kind(info)
+    if errors.is_error(info.err) then
+        local _, kind = errors.fields(info.err)
+        return kind
+    end
+    return nil
+end
+
+function host.compile(text, chunkname)
+    local fn, err = load(text, chunkname, "t")
+    if fn then return true end
+    return nil, json.utf8_clean(tostring(err))
+end
+
+function host.load(id, kind, text, chunkname, modules, imports, method)
+    local env = new_env(id, modules, imports)
+    local chunk, err = load(text, chunkname, "t", env)
+    if not chunk then return nil, json.utf8_clean(tostring(err)), "" end
+    local ok, result = xpcall(chunk, on_error)
+    if not ok then return nil, result.msg, result.tb end
+    local entry = { value = result, env = env }
+    if kind ~= "library.lua" then
+        local fn
+        if type(result) == "function" then
+            fn = result
+        elseif type(result) == "table" then
+            if method == nil then
+                return nil, "the chunk returns a table but the entry sets no 'method' to call", ""
+            end
+            fn = rawget(result, method)
+            if type(fn) ~= "function" then
+                return nil, format("the table the chunk returns has no function '%s'", method), ""
+            end
+        elseif method ~= nil and type(rawget(env, method)) == "function" then
+            fn = rawget(env, method) -- Wippy style: the method is a global function of the chunk
+        else
+            return nil, "the chunk must return a function, or a table holding the entry's 'method' (it returned "
+                .. type(result) .. ")", ""
+        end
+        entry.fn = fn
+    end
+    loaded[id] = entry
+    return true
+end
+
+function host.is_loaded(id)
+    return loaded[id] ~= nil
+end
+
+---------------------------------------------------------------------------------------------
+-- Export: a copy of Lua values that is safe to hand to Python. Strings that are not valid
+-- UTF-8 become {["\0bytes"] = s-as-hex}, error values {["\0error"] = {...}}, functions and
+-- other opaque values their tostring(), cycles the string "<cycle>". Empty tables carry
+-- ["\0object"] = true when they came from decoding `{}`.
+local function hex(s)
+    return (s:gsub(".", function(c) return format("%02x", c:byte()) end))
+end
+
+local function export_value(v, seen)
+    local tv = type(v)
+    if tv == "string" then
+        if find(v, "[\128-\255]") and json.utf8_clean(v) ~= v then return { ["\0bytes"] = hex(v) } end
+        return v
+    elseif tv == "number" or tv == "boolean" or tv == "nil" then
+        return v
+    elseif tv == "table" then
+        if errors.is_error(v) then
+            local message, kind, retryable, details = errors.fields(v)
+            return { ["\0error"] = { message = export_value(message, seen), kind = kind,
+                                      retryable = retryable, details = export_value(details, seen) } }
+        end
+        if seen[v] then return "<cycle>" end
+        seen[v] = true
+        local out = {}
+        for k, val in next, v do
+            out[export_value(k, seen)] = export_value(val, seen)
+        end
+        seen[v] = nil
+        if next(out) == nil and json.is_object(v) then out["\0object"] = true end
+        return out
+    end
+    return tostring(v)
+end
+
+function host.export(...)
+    local n = select("#", ...)
+    local out = {}
+    for i = 1, n do out[i] = export_value((select(i, ...)), {}) end
+    return n, out
+end
+
+local function finish_call(ok, ...)
+    if ok then return true, host.export(...) end
+    local info = ...
+    return false, info.msg, info.tb, error_kind(info)
+end
+
+function host.call(id, ...)
+    local entry = loaded[id]
+    if entry == nil or entry.fn == nil then return false, "entry '" .. id .. "' is not loaded", "" end
+    return finish_call(xpcall(entry.fn, on_error, ...))
+end
+
+return host

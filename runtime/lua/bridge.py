@@ -1,0 +1,92 @@
+"""The host side of the Lua modules: what `logger`, `queue` and `time` call into.
+
+Every function handed to Lua goes through :func:`safe`, so no Python exception (an object
+Lua could hold) ever crosses into a Lua state: failures come back as (None, kind, message).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from ..errors import RuntimeHostError
+
+LUA_LOGGER = "runtime.lua"
+_log = logging.getLogger("runtime.lua.bridge")
+
+
+class QueuePort(Protocol):
+    """What the `queue` module needs from the host. Raise RuntimeHostError subclasses
+    (their ``kind`` reaches Lua) for failures."""
+
+    def publish(self, caller_id: str, queue_id: str, body_json: str, headers_json: str) -> str: ...
+
+    def info(self, caller_id: str, queue_id: str) -> dict[str, Any]: ...
+
+
+def safe(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap a bridge function so it returns (None, kind, message) instead of raising."""
+
+    def wrapper(*args: Any) -> Any:
+        try:
+            return fn(*args)
+        except RuntimeHostError as exc:
+            return None, exc.kind, str(exc)
+        except Exception as exc:  # noqa: BLE001 - must never reach Lua as an object
+            _log.exception("internal error in a Lua module call")
+            return None, "Internal", f"internal error: {type(exc).__name__}"
+
+    wrapper.__name__ = fn.__name__
+    return wrapper
+
+
+class Bridge:
+    """Host functions for one Lua state. `cancel` interrupts time.sleep on stop."""
+
+    def __init__(self, queues: QueuePort):
+        self.queues = queues
+        self.cancel = threading.Event()
+
+    def functions(self) -> dict[str, Callable[..., Any]]:
+        return {name: safe(getattr(self, name))
+                for name in ("log", "log_enabled", "publish", "queue_info", "sleep", "now")}
+
+    # logger -----------------------------------------------------------------------------
+    @staticmethod
+    def log_enabled(level: int) -> bool:
+        return logging.getLogger(LUA_LOGGER).isEnabledFor(int(level))
+
+    @staticmethod
+    def log(level: int, entry_id: str, name: str | None, src: str, line: int, msg: str,
+            fields_json: str) -> None:
+        logger = logging.getLogger(f"{LUA_LOGGER}.{name}" if name else LUA_LOGGER)
+        fields = json.loads(fields_json) if fields_json else {}
+        if not isinstance(fields, dict):
+            fields = {"fields": fields}
+        record = logger.makeRecord(
+            logger.name, int(level), src, int(line), msg, None, None, func=None,
+            extra={"entry": entry_id, "lua_line": int(line), "lua_file": src, "fields": fields},
+        )
+        logger.handle(record)
+
+    # queue -------------------------------------------------------------------------------
+    def publish(self, caller_id: str, queue_id: str, body_json: str, headers_json: str) -> bool:
+        self.queues.publish(caller_id, queue_id, body_json, headers_json)
+        return True
+
+    def queue_info(self, caller_id: str, queue_id: str) -> str:
+        return json.dumps(self.queues.info(caller_id, queue_id))
+
+    # time --------------------------------------------------------------------------------
+    def sleep(self, seconds: float) -> Any:
+        if self.cancel.wait(float(seconds)):
+            return None, "Canceled", "time.sleep: canceled because the worker is stopping"
+        return True
+
+    @staticmethod
+    def now() -> float:
+        return time.time()

@@ -1,0 +1,76 @@
+"""Conversion of values between Python and Lua.
+
+Python -> Lua: only JSON-like values (None, bool, int, float, str, bytes, lists, tuples,
+dicts) are converted, into fresh Lua tables; anything else is refused, so no Python
+object ever becomes reachable from Lua. Lua -> Python: values come through the sandbox's
+`export`, which has already replaced what Python cannot read safely (see sandbox.lua).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from .engine import lua_type
+
+
+@dataclass(frozen=True)
+class LuaErrorValue:
+    """An error value (SPEC §5) returned from Lua, as seen from Python."""
+
+    kind: str
+    message: str
+    retryable: bool = False
+    details: Any = field(default=None)
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def to_lua(lua: Any, value: Any, depth: int = 0) -> Any:
+    """Convert a Python value for a call into Lua. Raises TypeError for anything else."""
+    if value is None or isinstance(value, (bool, str, bytes)):
+        return value
+    if isinstance(value, int):
+        if not -(2**53) <= value <= 2**53:
+            raise TypeError(f"integer {value} is too large for a Lua number")
+        return value
+    if isinstance(value, float):
+        return value
+    if depth > 200:
+        raise TypeError("value is nested too deeply to pass to Lua")
+    if isinstance(value, (list, tuple)):
+        return lua.table_from([to_lua(lua, v, depth + 1) for v in value])
+    if isinstance(value, dict):
+        out = {}
+        for k, v in value.items():
+            if not isinstance(k, (str, int, float)) or (isinstance(k, float) and math.isnan(k)):
+                raise TypeError(f"cannot pass a dict key of type {type(k).__name__} to Lua")
+            out[k] = to_lua(lua, v, depth + 1)
+        return lua.table_from(out)
+    raise TypeError(f"cannot pass a value of type {type(value).__name__} to Lua")
+
+
+def from_lua(value: Any) -> Any:
+    """Convert an exported Lua value (see sandbox.lua `export`) to plain Python."""
+    if lua_type(value) != "table":
+        return value
+    items = {k: v for k, v in value.items()}
+    if len(items) == 1:
+        (key, inner), = items.items()
+        if key == "\0bytes":
+            return bytes.fromhex(inner)
+        if key == "\0error":
+            return LuaErrorValue(
+                kind=str(inner["kind"]), message=str(from_lua(inner["message"])),
+                retryable=bool(inner["retryable"]), details=from_lua(inner["details"]),
+            )
+        if key == "\0object":
+            return {}
+    n = len(items)
+    if n and all(type(k) is int for k in items) and min(items) == 1 and max(items) == n:
+        return [from_lua(items[i]) for i in range(1, n + 1)]
+    if n == 0:
+        return []
+    return {from_lua(k): from_lua(v) for k, v in items.items()}

@@ -1,0 +1,40 @@
+"""Creating a raw LuaJIT state with lupa, locked down on the Python side.
+
+The Lua side of the lock-down (the sandbox environment) is in lua_modules/sandbox.lua.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NoReturn
+
+_lupa: Any
+try:
+    from lupa import luajit21 as _lupa
+
+    ENGINE = "luajit21"
+except ImportError:  # pragma: no cover - platforms without a LuaJIT build of lupa
+    import warnings
+
+    from lupa import lua54 as _lupa
+
+    ENGINE = "lua54"
+    warnings.warn("LuaJIT is not available in lupa here; using Lua 5.4", RuntimeWarning, stacklevel=1)
+
+
+def _deny_attribute(obj: object, name: str, is_setting: bool) -> NoReturn:
+    # Lua never gets Python attribute access, whatever object it might hold.
+    raise AttributeError("access to Python attributes is not allowed from Lua")
+
+
+def new_lua_runtime() -> Any:
+    """A LuaRuntime without lupa's Python helpers (no eval, no builtins, no attributes)."""
+    return _lupa.LuaRuntime(
+        register_eval=False,
+        register_builtins=False,
+        attribute_filter=_deny_attribute,
+        unpack_returned_tuples=True,
+    )
+
+
+def lua_type(value: Any) -> str | None:
+    return _lupa.lua_type(value)  # type: ignore[no-any-return]

@@ -1,0 +1,127 @@
+"""One sandboxed Lua state (SPEC §4): load entries into it and call them.
+
+A :class:`LuaSandbox` is owned by one thread (a worker, or the caller of ``App.call``) and
+is never shared: lupa's runtime lock would serialise the threads, and module-level Lua
+state is per worker by contract.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING, Any
+
+from ..errors import LuaHandlerError
+from ..registry import LuaCodeSpec, Registry, display_path
+from .bridge import Bridge, QueuePort
+from .convert import from_lua, to_lua
+from .engine import new_lua_runtime
+from .paths import lua_module_source
+
+if TYPE_CHECKING:
+    from ..registry import LuaSource
+
+_TRUSTED_FRAME = re.compile(r"^\s*(\[C\]: in function 'xpcall'|lua_modules/|\[string)")
+
+
+def chunk_name(source: LuaSource) -> str:
+    return "@" + display_path(source.path)
+
+
+def clean_traceback(tb: str) -> str:
+    """The Lua traceback without the host's own frames."""
+    lines = [ln for ln in tb.strip().splitlines() if ln.strip() and not _TRUSTED_FRAME.match(ln)]
+    if lines and lines[0].strip() == "stack traceback:" and len(lines) == 1:
+        return ""
+    return "\n".join(lines)
+
+
+class LuaSandbox:
+    """A Lua state with the runtime's modules loaded and a sandbox per entry."""
+
+    def __init__(self, registry: Registry, queues: QueuePort):
+        self.registry = registry
+        self.bridge = Bridge(queues)
+        self.lua = new_lua_runtime()
+        g = self.lua.globals()
+        bridge = self.lua.table_from(self.bridge.functions())
+        state = self.lua.table()
+
+        def run(name: str, *args: Any) -> Any:
+            fn, err, _ = self._unpack3(g.loadstring(lua_module_source(name), f"@lua_modules/{name}.lua"))
+            if fn is None:
+                raise RuntimeError(f"lua_modules/{name}.lua does not compile: {err}")
+            return fn(*args)
+
+        errors = run("errors")
+        json = run("json", errors)
+        mods = self.lua.table_from({
+            "errors": errors, "json": json, "state": state,
+            "logger": run("logger", bridge, json, errors),
+            "time": run("time", bridge, errors),
+            "queue": run("queue", bridge, json, errors, state),
+        })
+        self.host = run("sandbox", bridge, mods)
+        self.json = json
+        self._host_load = self.host.load
+        self._host_call = self.host.call
+
+    # -- loading ---------------------------------------------------------------------------
+    def ensure_loaded(self, entry_id: str) -> LuaCodeSpec:
+        """Run the entry's chunk in this state once (its imports first). LuaHandlerError if
+        the chunk fails or returns no usable entry point."""
+        spec = self.registry.get(entry_id, LuaCodeSpec)
+        if spec is None:
+            raise LuaHandlerError(f"no Lua entry '{entry_id}' in the registry", entry_id=entry_id)
+        if self.host.is_loaded(entry_id):
+            return spec
+        for lib in spec.imports.values():
+            self.ensure_loaded(lib)
+        src = spec.source
+        ok, msg, tb = self._unpack3(self._host_load(
+            entry_id, spec.kind, src.chunk_text, chunk_name(src),
+            self.lua.table_from(list(spec.modules)), self.lua.table_from(spec.imports), spec.method,
+        ))
+        if not ok:
+            where = display_path(src.path)
+            raise LuaHandlerError(f"cannot load {spec.kind} from {where}: {msg}",
+                                  clean_traceback(tb or ""), entry_id=entry_id)
+        return spec
+
+    @staticmethod
+    def _unpack3(result: Any) -> tuple[Any, Any, Any]:
+        if isinstance(result, tuple):
+            padded = tuple(result) + (None, None, None)
+            return padded[0], padded[1], padded[2]
+        return result, None, None
+
+    # -- calling ---------------------------------------------------------------------------
+    def call(self, entry_id: str, *args: Any) -> Any:
+        """Call a function entry with Python arguments; return its results as Python.
+
+        One result is returned as is, several as a tuple, none as None."""
+        self.ensure_loaded(entry_id)
+        try:
+            lua_args = [to_lua(self.lua, a) for a in args]
+        except TypeError as exc:
+            raise LuaHandlerError(f"cannot pass arguments to {entry_id}: {exc}", entry_id=entry_id) from None
+        result = self._host_call(entry_id, *lua_args)
+        if not result[0]:
+            _, msg, tb, *_ = tuple(result) + (None, None)
+            raise LuaHandlerError(str(msg), clean_traceback(tb or ""), entry_id=entry_id)
+        n, values = result[1], result[2]
+        out = [from_lua(values[i]) for i in range(1, n + 1)]
+        if n == 0:
+            return None
+        if n == 1:
+            return out[0]
+        return tuple(out)
+
+    def compile(self, text: str, chunkname: str) -> str | None:
+        """Syntax-check Lua text without running it; the error message, or None."""
+        result = self.host.compile(text, chunkname)
+        if isinstance(result, tuple):
+            return None if result[0] else str(result[1])
+        return None if result else "unknown compile error"
+
+    def close(self) -> None:
+        self.bridge.cancel.set()

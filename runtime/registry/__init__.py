@@ -1,0 +1,98 @@
+"""Application files -> located entries -> typed, validated specs per kind (SPEC §1-§2).
+
+The registry knows nothing of running things: it reads and checks definitions only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+from ..errors import Problem
+from .fields import Ref, parse_duration, parse_size, suggest
+from .kinds import (
+    KIND_PARSERS,
+    ConsumerSpec,
+    EntrySpec,
+    FunctionSpec,
+    LibrarySpec,
+    LuaCodeSpec,
+    LuaSource,
+    MemoryDriverSpec,
+    PolicySpec,
+    ProcessSpec,
+    QueueSpec,
+    ServiceSpec,
+)
+from .sources import display_path, find_definition_files, read_definition_file
+from .validate import check_cycles, check_modules, check_refs, dependency_graph
+
+__all__ = [
+    "Registry", "load_registry", "EntrySpec", "ConsumerSpec", "FunctionSpec", "LibrarySpec",
+    "LuaCodeSpec", "LuaSource", "MemoryDriverSpec", "PolicySpec", "ProcessSpec", "QueueSpec",
+    "ServiceSpec", "parse_duration", "parse_size", "display_path",
+]
+
+S = TypeVar("S", bound=EntrySpec)
+
+
+@dataclass
+class Registry:
+    """Every entry of an application by ID, with the dependency edges between them."""
+
+    app_dir: Path
+    entries: dict[str, EntrySpec]
+    dependencies: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    files: list[Path] = field(default_factory=list)
+
+    def __iter__(self) -> Iterator[EntrySpec]:
+        return iter(self.entries.values())
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def get(self, entry_id: str, kind: type[S] | None = None) -> S | None:
+        spec = self.entries.get(entry_id)
+        if spec is None or (kind is not None and not isinstance(spec, kind)):
+            return None
+        return spec  # type: ignore[return-value]
+
+    def of_type(self, kind: type[S]) -> list[S]:
+        return [s for s in self.entries.values() if isinstance(s, kind)]
+
+    def resolve(self, ref: str, namespace: str | None = None) -> str:
+        """A bare name resolves in `namespace`; a full ID stays as it is."""
+        if ":" in ref or namespace is None:
+            return ref
+        return f"{namespace}:{ref}"
+
+
+def load_registry(app_dir: Path) -> tuple[Registry, list[Problem]]:
+    """Read and check every definition. Returns the registry and all problems found."""
+    files, problems = find_definition_files(app_dir)
+    if not files and not problems:
+        problems.append(Problem(display_path(app_dir), 0, "no definition files (*.yaml, *.yml) found"))
+    entries: dict[str, EntrySpec] = {}
+    refs: list[Ref] = []
+    for path in files:
+        raws, file_problems = read_definition_file(path, app_dir)
+        problems += file_problems
+        for raw in raws:
+            parser = KIND_PARSERS.get(raw.kind)
+            if parser is None:
+                problems.append(Problem(raw.file, raw.data.line_of("kind"), f"entry {raw.id}: unknown kind "
+                                        f"'{raw.kind}'{suggest(raw.kind, set(KIND_PARSERS))}"))
+                continue
+            if raw.id in entries:
+                first = entries[raw.id]
+                problems.append(Problem(raw.file, raw.line, f"duplicate entry ID '{raw.id}' "
+                                        f"(first defined at {first.file}:{first.line})"))
+                continue
+            entries[raw.id] = parser(raw, problems, refs)
+    problems += check_refs(entries, refs)
+    problems += check_modules(entries)
+    graph = dependency_graph(entries, refs)
+    problems += check_cycles(entries, graph)
+    return Registry(app_dir, entries, graph, files), problems
