@@ -236,6 +236,7 @@ local function line_col(s, pos)
 end
 
 local function fail_at(s, pos, what)
+    if pos > #s then what = "unexpected end of input" end
     local line, col = line_col(s, pos)
     decode_error = format("json.decode: %s at line %d column %d", what, line, col)
     error(decode_error, 0)
