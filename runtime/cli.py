@@ -6,14 +6,13 @@ import argparse
 import json
 import sys
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
 from . import __version__
 from .app import App
 from .errors import ConfigError, LuaHandlerError
-from .lua.convert import LuaErrorValue
 from .logs import LEVEL_NAMES, configure_logging
+from .lua.convert import LuaErrorValue
 
 EXIT_OK, EXIT_CONFIG, EXIT_USAGE = 0, 1, 2
 

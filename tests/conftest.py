@@ -36,7 +36,8 @@ def lua_function_app(root: Path, lua: str, modules: str = "[json, logger, queue,
         source: file://f.lua
         modules: {modules}
     """
-    write_app(root, {"app.yaml": textwrap.dedent(yaml) + textwrap.indent(textwrap.dedent(extra_yaml), "  "), "f.lua": lua})
+    extra = textwrap.indent(textwrap.dedent(extra_yaml), "  ")
+    write_app(root, {"app.yaml": textwrap.dedent(yaml) + extra, "f.lua": lua})
     return App.load(root)
 
 

@@ -206,7 +206,7 @@ def _loose_equal(a, b):
     if isinstance(a, dict) and isinstance(b, dict):
         return a.keys() == b.keys() and all(_loose_equal(a[k], b[k]) for k in a)
     if isinstance(a, list) and isinstance(b, list):
-        return len(a) == len(b) and all(_loose_equal(x, y) for x, y in zip(a, b))
+        return len(a) == len(b) and all(_loose_equal(x, y) for x, y in zip(a, b, strict=True))
     return a == b
 
 

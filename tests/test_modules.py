@@ -178,7 +178,8 @@ return function() return {call} end
     ("queue.info(nil)", "queue ID string expected"),
 ])
 def test_queue_module_wrong_argument_types_raise(run_lua, call, phrase):
-    ok, err = run_lua(f'local queue = require("queue") return function() return pcall(function() return {call} end) end')
+    ok, err = run_lua('local queue = require("queue") '
+                      f'return function() return pcall(function() return {call} end) end')
     assert ok is False and phrase in err
 
 

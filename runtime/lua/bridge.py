@@ -68,7 +68,7 @@ class Bridge:
         if not isinstance(fields, dict):
             fields = {"fields": fields}
         record = logger.makeRecord(
-            logger.name, int(level), src, int(line), msg, None, None, func=None,
+            logger.name, int(level), src, int(line), msg, (), None, func=None,
             extra={"entry": entry_id, "lua_line": int(line), "lua_file": src, "fields": fields},
         )
         logger.handle(record)

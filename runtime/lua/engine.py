@@ -5,18 +5,16 @@ The Lua side of the lock-down (the sandbox environment) is in lua_modules/sandbo
 
 from __future__ import annotations
 
+import importlib
 from typing import Any, NoReturn
 
-_lupa: Any
 try:
-    from lupa import luajit21 as _lupa
-
+    _lupa: Any = importlib.import_module("lupa.luajit21")
     ENGINE = "luajit21"
 except ImportError:  # pragma: no cover - platforms without a LuaJIT build of lupa
     import warnings
 
-    from lupa import lua54 as _lupa
-
+    _lupa = importlib.import_module("lupa.lua54")
     ENGINE = "lua54"
     warnings.warn("LuaJIT is not available in lupa here; using Lua 5.4", RuntimeWarning, stacklevel=1)
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import Problem
-from .yaml_lines import LineDict
+from .yaml_lines import LineDict, LineList
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
 _UNIT_SECONDS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
@@ -129,7 +129,7 @@ class FieldReader:
                            problems=self.problems, refs=self.refs, prefix=f"{self.prefix}{key}.")
 
     # -- typed getters ---------------------------------------------------------------------
-    def str(self, key: str, *, required: bool = False, default: str | None = None,
+    def text(self, key: str, *, required: bool = False, default: str | None = None,
             choices: dict[str, str] | None = None) -> str | None:
         value = self._get(key, required)
         if value is None:
@@ -145,7 +145,7 @@ class FieldReader:
             return choices[value.lower()]
         return str(value)
 
-    def bool(self, key: str, default: bool = False) -> bool:
+    def flag(self, key: str, default: bool = False) -> bool:
         value = self._get(key, False)
         if value is None:
             return default
@@ -154,7 +154,7 @@ class FieldReader:
             return default
         return value
 
-    def int(self, key: str, *, default: int, maximum: int | None = None, minimum: int | None = None,
+    def number(self, key: str, *, default: int, maximum: int | None = None, minimum: int | None = None,
             nonpositive_is_default: bool = False) -> int:
         value = self._get(key, False)
         if value is None:
@@ -201,7 +201,7 @@ class FieldReader:
             return {}
         return plain(value)
 
-    def list(self, key: str) -> list[Any]:
+    def items(self, key: str) -> list[Any]:
         value = self._get(key, False)
         if value is None:
             return []
@@ -223,7 +223,7 @@ class FieldReader:
 
     def ref(self, key: str, kinds: tuple[str, ...], *, required: bool = False,
             dependency: bool = True) -> str | None:
-        value = self.str(key, required=required)
+        value = self.text(key, required=required)
         if value is None:
             return None
         target = resolve_id(value, self.namespace)
@@ -236,7 +236,7 @@ class FieldReader:
         value = self.data.get(key)
         for i, item in enumerate(self.str_list(key)):
             target = resolve_id(item, self.namespace)
-            line = value.line_of(i) if hasattr(value, "line_of") else self.line(key)
+            line = value.line_of(i) if isinstance(value, LineList) else self.line(key)
             self.refs.append(Ref(self.entry_id, self.prefix + key, target, kinds, self.file, line, dependency))
             out.append(target)
         return out

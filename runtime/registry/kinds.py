@@ -15,6 +15,7 @@ from typing import Any
 from ..errors import Problem
 from .fields import FieldReader, Ref
 from .sources import RawEntry, SourceText
+from .yaml_lines import LineList
 
 MAX_CONCURRENCY = 1000
 MAX_PREFETCH = 10000
@@ -202,7 +203,7 @@ def _lifecycle(r: FieldReader) -> Lifecycle:
     rs = lc.sub("restart")
     if rs is not None:
         restart = RestartPolicy(
-            max_attempts=rs.int("max_attempts", default=0, minimum=0),
+            max_attempts=rs.number("max_attempts", default=0, minimum=0),
             initial_delay=rs.duration("initial_delay", 1.0) or 0.0,
             max_delay=rs.duration("max_delay", 30.0) or 0.0,
         )
@@ -213,14 +214,14 @@ def _lifecycle(r: FieldReader) -> Lifecycle:
         actor = None
         ac = sec.sub("actor")
         if ac is not None:
-            actor_id = ac.str("id", required=True) or ""
+            actor_id = ac.text("id", required=True) or ""
             actor = Actor(actor_id, ac.mapping("meta"))
             ac.finish()
         security = SecurityContext(actor, tuple(sec.ref_list("policies", ("security.policy",), dependency=False)),
                                    tuple(sec.str_list("groups")))
         sec.finish()
     result = Lifecycle(
-        auto_start=lc.bool("auto_start", False),
+        auto_start=lc.flag("auto_start", False),
         depends_on=tuple(dict.fromkeys(depends)),
         stop_timeout=lc.duration("stop_timeout", DEFAULT_STOP_TIMEOUT) or 0.0,
         restart=restart,
@@ -232,7 +233,7 @@ def _lifecycle(r: FieldReader) -> Lifecycle:
 
 def _source(r: FieldReader, raw: RawEntry) -> LuaSource:
     value = r.data.get("source")
-    text = r.str("source", required=True)
+    text = r.text("source", required=True)
     if isinstance(value, SourceText):
         return LuaSource(str(value), value.path, value.line, value.inline)
     return LuaSource(text or "", raw.path, r.line("source"), True)
@@ -247,7 +248,7 @@ def _lua_code(r: FieldReader, raw: RawEntry, *, default_method: str | None = Non
             if target is not None:
                 imports[str(alias)] = target
     modules = r.str_list("modules")
-    return {"source": _source(r, raw), "method": r.str("method", default=default_method),
+    return {"source": _source(r, raw), "method": r.text("method", default=default_method),
             "modules": tuple(modules), "imports": imports}
 
 
@@ -266,7 +267,7 @@ def parse_queue(raw: RawEntry, problems: list[Problem], refs: list[Ref]) -> Entr
     dl = r.sub("dead_letter")
     if dl is not None:
         dl_queue = dl.ref("queue", ("queue.queue",), required=True, dependency=False)
-        max_attempts = dl.int("max_attempts", default=3, minimum=1)
+        max_attempts = dl.number("max_attempts", default=3, minimum=1)
         if dl_queue == raw.id:
             dl.problem("queue", "a queue cannot be its own dead-letter queue")
         dl.finish()
@@ -276,8 +277,8 @@ def parse_queue(raw: RawEntry, problems: list[Problem], refs: list[Ref]) -> Entr
     _check_memory_options(r, driver_options)
     spec = QueueSpec(
         **common, driver=driver,
-        queue_name=r.str("queue_name", default=raw.name) or raw.name,
-        codec=r.str("codec", default="json/plain", choices=CODECS) or "json/plain",
+        queue_name=r.text("queue_name", default=raw.name) or raw.name,
+        codec=r.text("codec", default="json/plain", choices=CODECS) or "json/plain",
         options=r.mapping("options"), driver_options=driver_options, dead_letter=dead_letter,
     )
     r.finish()
@@ -304,9 +305,9 @@ def parse_consumer(raw: RawEntry, problems: list[Problem], refs: list[Ref]) -> E
         **_common(r, raw),
         queue=r.ref("queue", ("queue.queue",), required=True) or "",
         func=r.ref("func", ("function.lua",), required=True) or "",
-        concurrency=r.int("concurrency", default=1, maximum=MAX_CONCURRENCY, nonpositive_is_default=True),
-        prefetch=r.int("prefetch", default=10, maximum=MAX_PREFETCH, nonpositive_is_default=True),
-        auto_ack=r.bool("auto_ack", False),
+        concurrency=r.number("concurrency", default=1, maximum=MAX_CONCURRENCY, nonpositive_is_default=True),
+        prefetch=r.number("prefetch", default=10, maximum=MAX_PREFETCH, nonpositive_is_default=True),
+        auto_ack=r.flag("auto_ack", False),
         driver_options=r.mapping("driver_options"),
         timeout=r.duration("timeout"),
         memory_limit=r.size("memory_limit"),
@@ -341,7 +342,7 @@ def parse_service(raw: RawEntry, problems: list[Problem], refs: list[Ref]) -> En
     r = _reader(raw, problems, refs)
     spec = ServiceSpec(**_common(r, raw),
                        process=r.ref("process", ("process.lua",), required=True) or "",
-                       host=r.str("host"), args=tuple(r.list("args")))
+                       host=r.text("host"), args=tuple(r.items("args")))
     r.finish()
     return spec
 
@@ -368,11 +369,11 @@ def parse_policy(raw: RawEntry, problems: list[Problem], refs: list[Ref]) -> Ent
         pol.problem(None, "missing required field 'policy.actions'")
     if not resources:
         pol.problem(None, "missing required field 'policy.resources'")
-    effect = pol.str("effect", required=True, choices={"allow": "allow", "deny": "deny"}) or "deny"
+    effect = pol.text("effect", required=True, choices={"allow": "allow", "deny": "deny"}) or "deny"
     conditions = []
     cond_list = pol.data.get("conditions")
-    for i, cond in enumerate(pol.list("conditions")):
-        line = cond_list.line_of(i) if hasattr(cond_list, "line_of") else pol.line("conditions")
+    for i, cond in enumerate(pol.items("conditions")):
+        line = cond_list.line_of(i) if isinstance(cond_list, LineList) else pol.line("conditions")
         if not isinstance(cond, dict):
             problems.append(Problem(raw.file, line, f"entry {raw.id}: policy condition #{i + 1} must be a mapping"))
             continue
@@ -393,7 +394,7 @@ def parse_policy(raw: RawEntry, problems: list[Problem], refs: list[Ref]) -> Ent
         if bad:
             problems.append(Problem(raw.file, line, f"entry {raw.id}: policy condition #{i + 1}: " + "; ".join(bad)))
             continue
-        conditions.append(PolicyCondition(fld, op, cond.get("value"), cond.get("value_from")))
+        conditions.append(PolicyCondition(str(fld), str(op), cond.get("value"), cond.get("value_from")))
     pol.finish()
     r.finish()
     return PolicySpec(**common, actions=actions, resources=resources, effect=effect,

@@ -135,7 +135,8 @@ def read_definition_file(path: Path, app_dir: Path) -> tuple[list[RawEntry], lis
         return [], problems
     for key in doc:
         if key not in ("version", "namespace", "meta", "entries"):
-            problems.append(Problem(where, doc.line_of(key), f"unknown top-level field '{key}' (expected version, namespace, meta, entries)"))
+            problems.append(Problem(where, doc.line_of(key), f"unknown top-level field '{key}' "
+                                    "(expected version, namespace, meta, entries)"))
     file_meta = sub.value(doc.get("meta"), doc.line_of("meta")) if "meta" in doc else None
     if file_meta is not None and not isinstance(file_meta, dict):
         problems.append(Problem(where, doc.line_of("meta"), "'meta' must be a mapping"))
@@ -148,7 +149,7 @@ def read_definition_file(path: Path, app_dir: Path) -> tuple[list[RawEntry], lis
         return [], problems
     out: list[RawEntry] = []
     for index, item in enumerate(entries):
-        line = entries.line_of(index)
+        line = entries.line_of(index) if isinstance(entries, LineList) else doc.line
         if not isinstance(item, LineDict):
             problems.append(Problem(where, line, f"entry #{index + 1} must be a mapping with 'name' and 'kind'"))
             continue
@@ -160,7 +161,8 @@ def read_definition_file(path: Path, app_dir: Path) -> tuple[list[RawEntry], lis
                 problems.append(Problem(where, line, f"entry #{index + 1}: missing required field '{field}'"))
                 bad = True
             elif not isinstance(value, str) or not value.strip():
-                problems.append(Problem(where, data.line_of(field), f"entry #{index + 1}: '{field}' must be a non-empty string"))
+                problems.append(Problem(where, data.line_of(field),
+                                        f"entry #{index + 1}: '{field}' must be a non-empty string"))
                 bad = True
         if bad:
             continue
@@ -188,6 +190,9 @@ class _Substituter:
         self.where = where
         self.problems = problems
 
+    def problem(self, line: int, message: str) -> None:
+        self.problems.append(Problem(self.where, line, message))
+
     def value(self, v: Any, line: int, block: bool = False) -> Any:
         if isinstance(v, LineDict):
             for key in list(v):
@@ -214,7 +219,7 @@ class _Substituter:
     def env(self, s: str, line: int) -> Any:
         for bad in _ENV_ANY_RE.findall(s):
             if not _ENV_RE.fullmatch(bad):
-                self.problems.append(Problem(self.where, line, f"malformed placeholder '{bad}' (expected ${{env:NAME}} or ${{env:NAME|default}})"))
+                self.problem(line, f"malformed placeholder '{bad}' (expected ${{env:NAME}} or ${{env:NAME|default}})")
                 return s
 
         def repl(m: re.Match[str]) -> str:
@@ -222,7 +227,7 @@ class _Substituter:
             value = os.environ.get(name)
             if value is None:
                 if default is None:
-                    self.problems.append(Problem(self.where, line, f"environment variable '{name}' is not set and has no default"))
+                    self.problem(line, f"environment variable '{name}' is not set and has no default")
                     return ""
                 return default
             return value
@@ -233,19 +238,19 @@ class _Substituter:
 
     def include(self, rel: str, line: int) -> Any:
         if not rel:
-            self.problems.append(Problem(self.where, line, "empty path in 'file://'"))
+            self.problem(line, "empty path in 'file://'")
             return ""
         target = (self.path.parent / rel).resolve()
         if target != self.app_dir and self.app_dir not in target.parents:
-            self.problems.append(Problem(self.where, line, f"'file://{rel}' points outside the application directory"))
+            self.problem(line, f"'file://{rel}' points outside the application directory")
             return ""
         try:
             raw = target.read_bytes() if target.stat().st_size <= MAX_INCLUDE_BYTES else None
         except OSError as exc:
-            self.problems.append(Problem(self.where, line, f"cannot read 'file://{rel}': {exc.strerror or exc}"))
+            self.problem(line, f"cannot read 'file://{rel}': {exc.strerror or exc}")
             return ""
         if raw is None:
-            self.problems.append(Problem(self.where, line, f"'file://{rel}' is larger than {MAX_INCLUDE_BYTES // (1024 * 1024)} MiB"))
+            self.problem(line, f"'file://{rel}' is larger than {MAX_INCLUDE_BYTES // (1024 * 1024)} MiB")
             return ""
         try:
             text = decode_text(raw)

@@ -71,7 +71,7 @@ def _construct_map(loader: _LineLoader, node: yaml.MappingNode):  # type: ignore
         try:
             hash(key)
         except TypeError:
-            raise YamlProblem(key_node.start_mark.line + 1, "a mapping key must be a scalar")
+            raise YamlProblem(key_node.start_mark.line + 1, "a mapping key must be a scalar") from None
         if key in data:
             loader.duplicate_keys.append((key_node.start_mark.line + 1, str(key)))
         data[key] = loader.construct_object(value_node, deep=True)
