@@ -50,6 +50,7 @@ def _print_problems(err: ConfigError) -> None:
     for problem in err.problems:
         print(problem)
     n = len(err.problems)
+    sys.stdout.flush()
     print(f"{n} problem{'s' if n != 1 else ''} found", file=sys.stderr)
 
 

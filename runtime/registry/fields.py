@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import Problem
+from .sources import Unresolved
 from .yaml_lines import LineDict, LineList
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
@@ -112,6 +113,8 @@ class FieldReader:
 
     def _get(self, key: str, required: bool) -> Any:
         self.used.add(key)
+        if isinstance(self.data.get(key), Unresolved):
+            return None  # its missing ${env:...} is reported already
         if key not in self.data or self.data[key] is None:
             if required:
                 self.problem(None, f"missing required field '{self.prefix}{key}'")
@@ -219,7 +222,11 @@ class FieldReader:
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             self.problem(key, "must be a list of strings")
             return []
-        return [str(v) for v in value]
+        return [str(v) for v in value if not isinstance(v, Unresolved)]
+
+    def item_line(self, key: str, index: int) -> int:
+        value = self.data.get(key)
+        return value.line_of(index) if isinstance(value, LineList) else self.line(key)
 
     def ref(self, key: str, kinds: tuple[str, ...], *, required: bool = False,
             dependency: bool = True) -> str | None:
@@ -233,10 +240,14 @@ class FieldReader:
 
     def ref_list(self, key: str, kinds: tuple[str, ...], *, dependency: bool = True) -> list[str]:
         out = []
+        self.str_list(key)  # type check
         value = self.data.get(key)
-        for i, item in enumerate(self.str_list(key)):
+        items = value if isinstance(value, list) and all(isinstance(v, str) for v in value) else []
+        for i, item in enumerate(items):
+            if isinstance(item, Unresolved):
+                continue
             target = resolve_id(item, self.namespace)
-            line = value.line_of(i) if isinstance(value, LineList) else self.line(key)
+            line = self.item_line(key, i)
             self.refs.append(Ref(self.entry_id, self.prefix + key, target, kinds, self.file, line, dependency))
             out.append(target)
         return out

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import Problem
-from .fields import FieldReader, Ref
+from .fields import FieldReader, Ref, suggest
 from .sources import RawEntry, SourceText
 from .yaml_lines import LineList
 
@@ -248,6 +248,16 @@ def _lua_code(r: FieldReader, raw: RawEntry, *, default_method: str | None = Non
             if target is not None:
                 imports[str(alias)] = target
     modules = r.str_list("modules")
+    known = set(LUA_MODULES) | set(STANDARD_TABLES)
+    for i, name in enumerate(modules):
+        if name not in known:
+            r.problems.append(Problem(r.file, r.item_line("modules", i), f"entry {raw.id}: unknown module "
+                                      f"'{name}' in 'modules'{suggest(name, known)} "
+                                      f"(available: {', '.join(LUA_MODULES)})"))
+    for alias in imports:
+        if alias in known:
+            r.problems.append(Problem(r.file, imp.line(alias) if imp else raw.line, f"entry {raw.id}: "
+                                      f"import alias '{alias}' hides a module of the same name"))
     return {"source": _source(r, raw), "method": r.text("method", default=default_method),
             "modules": tuple(modules), "imports": imports}
 

@@ -50,6 +50,11 @@ class SourceText(str):
         return obj
 
 
+class Unresolved(str):
+    """A value whose `${env:...}` could not be filled in. The problem is already reported,
+    so field checks treat the value as absent instead of reporting follow-on problems."""
+
+
 @dataclass
 class RawEntry:
     """An entry as written, after substitution, before kind-specific parsing."""
@@ -210,7 +215,7 @@ class _Substituter:
         result: Any = s
         if "${env:" in s:
             result = self.env(s, line)
-            if not isinstance(result, str):
+            if not isinstance(result, str) or isinstance(result, Unresolved):
                 return result
         if result.startswith("file://") and "\n" not in result:
             return self.include(result[len("file://"):], line)
@@ -222,18 +227,23 @@ class _Substituter:
                 self.problem(line, f"malformed placeholder '{bad}' (expected ${{env:NAME}} or ${{env:NAME|default}})")
                 return s
 
+        missing = []
+
         def repl(m: re.Match[str]) -> str:
             name, default = m.group(1), m.group(2)
             value = os.environ.get(name)
             if value is None:
                 if default is None:
                     self.problem(line, f"environment variable '{name}' is not set and has no default")
+                    missing.append(name)
                     return ""
                 return default
             return value
 
         whole = _ENV_RE.fullmatch(s) is not None
         out = _ENV_RE.sub(repl, s)
+        if missing:
+            return Unresolved(out)
         return reread_scalar(out) if whole else out
 
     def include(self, rel: str, line: int) -> Any:

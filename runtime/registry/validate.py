@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..errors import Problem
 from .fields import Ref, suggest
-from .kinds import LUA_MODULES, STANDARD_TABLES, EntrySpec, LuaCodeSpec
+from .kinds import EntrySpec
 
 
 def kind_matches(kind: str, accepted: tuple[str, ...]) -> bool:
@@ -31,23 +31,6 @@ def check_refs(entries: dict[str, EntrySpec], refs: list[Ref]) -> list[Problem]:
         elif ref.target == ref.source_id and ref.dependency:
             problems.append(Problem(ref.file, ref.line, f"entry {ref.source_id}: field '{ref.field}' "
                                     "refers to the entry itself"))
-    return problems
-
-
-def check_modules(entries: dict[str, EntrySpec]) -> list[Problem]:
-    problems = []
-    known = set(LUA_MODULES) | set(STANDARD_TABLES)
-    for spec in entries.values():
-        if not isinstance(spec, LuaCodeSpec):
-            continue
-        for name in spec.modules:
-            if name not in known:
-                problems.append(Problem(spec.file, spec.line, f"entry {spec.id}: unknown module '{name}' "
-                                        f"in 'modules'{suggest(name, known)} (available: {', '.join(LUA_MODULES)})"))
-        for alias in spec.imports:
-            if alias in known:
-                problems.append(Problem(spec.file, spec.line, f"entry {spec.id}: import alias '{alias}' "
-                                        "hides a module of the same name"))
     return problems
 
 

@@ -1,0 +1,5 @@
+return function(body)
+  if body.n > 1 then
+    return true
+  else if
+end
