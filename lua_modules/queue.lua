@@ -3,10 +3,14 @@
 -- `new(entry_id) -> module`. Arguments are checked here: a wrong argument type raises,
 -- every other failure is returned as (nil, err). The body is encoded strictly (a value
 -- that cannot travel unchanged is refused with Invalid) and handed to the host as JSON
--- text; the host applies the queue's codec. `state.message` is the message of the handler
--- call running now, set by the host around handler calls (nil elsewhere).
+-- text; the host applies the queue's codec. `state.current` describes the delivery of the
+-- handler call running now (set by sandbox.lua's host.deliver; nil elsewhere), and
+-- queue.message() wraps it in a Message object with id/header/headers/body/body_json/
+-- attempt/ack/nack. Settling is single-shot and every method fails once the handler returned.
 local bridge, json, errors, state = ...
 local type, tostring, pairs, pcall, next, sub = type, tostring, pairs, pcall, next, string.sub
+local setmetatable = setmetatable
+local new_message
 local clean = json.utf8_clean
 
 local function fail(kind, message)
@@ -48,6 +52,50 @@ local function call_host(fn, ...)
     return res
 end
 
+local MESSAGE_META = { __metatable = "message" }
+
+-- A Message object over one delivery descriptor `cur` (see host.deliver in sandbox.lua).
+new_message = function(cur)
+    local msg = setmetatable({}, MESSAGE_META)
+    local function live()
+        if cur.released then return fail("Invalid", "message released: its handler has returned") end
+        return true
+    end
+    local function settle(action)
+        local ok, err = live()
+        if not ok then return nil, err end
+        if cur.settled then return fail("Invalid", "message already settled (" .. cur.settled .. ")") end
+        local res, herr = call_host(bridge.settle, action)
+        if res == nil then return nil, herr end
+        cur.settled = action
+        return true
+    end
+    function msg:id() local ok, err = live() if not ok then return nil, err end return cur.id end
+    function msg:attempt() local ok, err = live() if not ok then return nil, err end return cur.attempt end
+    function msg:body() local ok, err = live() if not ok then return nil, err end return cur.body end
+    function msg:body_json() local ok, err = live() if not ok then return nil, err end return cur.value end
+    function msg:headers()
+        local ok, err = live()
+        if not ok then return nil, err end
+        if cur.headers == nil then
+            local text, herr = call_host(bridge.message_headers)
+            if text == nil then return nil, herr end
+            cur.headers = json.decode(text)
+        end
+        local copy = {}
+        for k, v in pairs(cur.headers) do copy[k] = v end
+        return copy
+    end
+    function msg:header(name)
+        local headers, err = msg:headers()
+        if headers == nil then return nil, err end
+        return headers[name]
+    end
+    function msg:ack() return settle("ack") end
+    function msg:nack() return settle("nack") end
+    return msg
+end
+
 local function new(entry_id)
     local M = {}
 
@@ -65,11 +113,12 @@ local function new(entry_id)
     end
 
     function M.message()
-        local msg = state.message
-        if msg == nil then
+        local cur = state.current
+        if cur == nil then
             return fail("Invalid", "queue.message() is only available inside a consumer handler")
         end
-        return msg
+        if cur.object == nil then cur.object = new_message(cur) end
+        return cur.object
     end
 
     function M.info(queue_id)

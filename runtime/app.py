@@ -1,15 +1,19 @@
-"""The application: load -> validate -> (start services) -> stop. SPEC §9."""
+"""The application: load -> validate -> start services -> stop. SPEC §9."""
 
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError, Problem, QueueNotFound, QueueUnavailable
+from .errors import ConfigError, Problem, ShutdownTimeout
+from .lifecycle.services import ConsumerService, ProcessService
+from .lifecycle.supervisor import Supervisor
 from .lua.sandbox import LuaSandbox
 from .lua.syntax import check_lua_sources
-from .registry import QueueSpec, Registry, display_path, load_registry
+from .queue.router import QueueRouter
+from .registry import Registry, display_path, load_registry
 
 
 class App:
@@ -18,9 +22,13 @@ class App:
     def __init__(self, registry: Registry, *, strict_security: bool = False):
         self.registry = registry
         self.strict_security = strict_security
+        self.router = QueueRouter(registry)
         self._local = threading.local()
         self._sandboxes: list[LuaSandbox] = []
         self._lock = threading.Lock()
+        self._changes = 0
+        self._supervisor: Supervisor | None = None
+        self._consumers: dict[str, ConsumerService] = {}
 
     @classmethod
     def load(cls, path: str | Path, *, strict_security: bool = False) -> App:
@@ -36,13 +44,17 @@ class App:
         return cls(registry, strict_security=strict_security)
 
     # -- Lua -------------------------------------------------------------------------------
+    def new_sandbox(self) -> LuaSandbox:
+        """A fresh Lua state wired to this app's queues (one per worker thread)."""
+        sandbox = LuaSandbox(self.registry, self.router)
+        with self._lock:
+            self._sandboxes.append(sandbox)
+        return sandbox
+
     def _sandbox(self) -> LuaSandbox:
         sandbox: LuaSandbox | None = getattr(self._local, "sandbox", None)
         if sandbox is None:
-            sandbox = LuaSandbox(self.registry, _RegistryQueues(self.registry))
-            self._local.sandbox = sandbox
-            with self._lock:
-                self._sandboxes.append(sandbox)
+            sandbox = self._local.sandbox = self.new_sandbox()
         return sandbox
 
     def call(self, func_id: str, *args: Any) -> Any:
@@ -50,46 +62,79 @@ class App:
 
         One result is returned as is, several as a tuple, none as None; tables become
         dicts/lists and error values :class:`runtime.LuaErrorValue`. A Lua error raises
-        LuaHandlerError with the Lua traceback."""
+        LuaHandlerError with the Lua traceback. The app need not be started."""
         return self._sandbox().call(func_id, *args)
 
     # -- lifecycle -------------------------------------------------------------------------
+    def _changed(self) -> None:
+        self._changes += 1
+
+    @property
+    def running(self) -> bool:
+        return self._supervisor is not None
+
     def start(self) -> App:
-        """Start the app's `auto_start` services. (Queue services arrive with the queue
-        system; until then an app has nothing to start and `queue.publish` answers
-        Unavailable.)"""
+        """Start the `auto_start` services and their dependencies, in dependency order.
+        Raises ConfigError (nothing left running) if a handler cannot be loaded."""
+        if self._supervisor is not None:
+            return self
+        supervisor = Supervisor(self.registry, self.router, self.new_sandbox, self._changed)
+        supervisor.start()
+        self._supervisor = supervisor
+        self._consumers = {s.id: s for s in supervisor.services() if isinstance(s, ConsumerService)}
         return self
 
+    def publish(self, queue_id: str, data: Any, headers: dict[str, Any] | None = None) -> str:
+        """Publish `data` (encoded by the queue's codec) to a queue; returns the message id.
+        Host-side publishing is the operator's and is not permission-checked."""
+        return self.router.publish_value(queue_id, data, headers)
+
+    def _idle_now(self) -> bool:
+        if self._supervisor is None:
+            return True
+        for service in self._supervisor.services():
+            if isinstance(service, (ConsumerService, ProcessService)) and not service.idle():
+                return False
+        return True
+
+    def idle(self) -> bool:
+        """Idle as `--until-idle` defines it: every consumed queue empty, nothing in flight,
+        every process finished. Checked twice around a change counter, so a message moving
+        between two queues during the check is not missed."""
+        before = self._changes
+        if not self._idle_now():
+            return False
+        return self._changes == before and self._idle_now()
+
+    def wait_idle(self, timeout: float) -> bool:
+        """True once idle, False when `timeout` seconds run out first."""
+        deadline = time.monotonic() + timeout
+        while not self.idle():
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.002)
+        return True
+
     def stop(self, timeout: float | None = None) -> None:
+        """Graceful shutdown (SPEC §3). Raises ShutdownTimeout, after everything else has
+        stopped, if handlers overran; their messages are back in their queues."""
+        overran: list[str] = []
+        supervisor, self._supervisor = self._supervisor, None
+        if supervisor is not None:
+            overran = supervisor.stop(timeout)
         with self._lock:
             for sandbox in self._sandboxes:
                 sandbox.close()
+        if overran:
+            raise ShutdownTimeout(f"did not stop in time: {', '.join(overran)} (their messages were returned)")
+
+    def stats(self) -> dict[str, Any]:
+        consumers = {cid: svc.pool.stats() for cid, svc in self._consumers.items() if svc.pool is not None}
+        queues = {qid: bound.info() for qid, bound in self.router.queues.items()}
+        return {"consumers": consumers, "queues": queues}
 
     def __enter__(self) -> App:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-class _RegistryQueues:
-    """The `queue` module's view of queues while no queue system is running: it knows
-    which queues exist, and answers Unavailable for the rest."""
-
-    def __init__(self, registry: Registry):
-        self.registry = registry
-
-    def _queue(self, caller_id: str, queue_id: str) -> QueueSpec:
-        full = self.registry.resolve(queue_id, caller_id.split(":", 1)[0])
-        spec = self.registry.get(full, QueueSpec)
-        if spec is None:
-            raise QueueNotFound(f"queue '{queue_id}' not found")
-        return spec
-
-    def publish(self, caller_id: str, queue_id: str, body_json: str, headers_json: str) -> str:
-        spec = self._queue(caller_id, queue_id)
-        raise QueueUnavailable(f"queue '{spec.id}' is not running (the app's queues are not started)")
-
-    def info(self, caller_id: str, queue_id: str) -> dict[str, Any]:
-        spec = self._queue(caller_id, queue_id)
-        raise QueueUnavailable(f"queue '{spec.id}' is not running (the app's queues are not started)")

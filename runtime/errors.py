@@ -83,3 +83,15 @@ class InvalidMessage(RuntimeHostError, ValueError):
     """A message (body or headers) cannot be published as given."""
 
     kind = "Invalid"
+
+
+class PublishTimeout(RuntimeHostError):
+    """A full queue stayed full for the whole publish timeout."""
+
+    kind = "Timeout"
+
+
+class PermissionDenied(RuntimeHostError):
+    """A security policy refused the action."""
+
+    kind = "PermissionDenied"

@@ -50,10 +50,14 @@ class Bridge:
     def __init__(self, queues: QueuePort):
         self.queues = queues
         self.cancel = threading.Event()
+        # Set by the worker around a handler call: settles the current delivery ("ack"/"nack").
+        self.settler: Callable[[str], None] | None = None
+        self.delivery: Any = None  # the Delivery being handled, for msg:headers()
 
     def functions(self) -> dict[str, Callable[..., Any]]:
         return {name: safe(getattr(self, name))
-                for name in ("log", "log_enabled", "publish", "queue_info", "sleep", "now")}
+                for name in ("log", "log_enabled", "publish", "queue_info", "sleep", "now", "settle",
+                                             "message_headers")}
 
     # logger -----------------------------------------------------------------------------
     @staticmethod
@@ -80,6 +84,17 @@ class Bridge:
 
     def queue_info(self, caller_id: str, queue_id: str) -> str:
         return json.dumps(self.queues.info(caller_id, queue_id))
+
+    def settle(self, action: str) -> bool:
+        if self.settler is None:
+            raise RuntimeHostError("no message to settle")
+        self.settler(str(action))
+        return True
+
+    def message_headers(self) -> str:
+        if self.delivery is None:
+            raise RuntimeHostError("no message")
+        return json.dumps(self.delivery.message.headers, ensure_ascii=False)
 
     # time --------------------------------------------------------------------------------
     def sleep(self, seconds: float) -> Any:

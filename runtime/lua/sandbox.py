@@ -20,6 +20,8 @@ from .paths import lua_module_source
 if TYPE_CHECKING:
     from ..registry import LuaSource
 
+ACK, NACK, SETTLED, UNDECODABLE = 0, 1, 2, 3
+
 _TRUSTED_FRAME = re.compile(r"^\s*(\[C\]: in function 'xpcall'|lua_modules/|\[string)")
 
 
@@ -64,6 +66,7 @@ class LuaSandbox:
         self.json = json
         self._host_load = self.host.load
         self._host_call = self.host.call
+        self._host_deliver = self.host.deliver
 
     # -- loading ---------------------------------------------------------------------------
     def ensure_loaded(self, entry_id: str) -> LuaCodeSpec:
@@ -115,6 +118,21 @@ class LuaSandbox:
         if n == 1:
             return out[0]
         return tuple(out)
+
+    def deliver(self, entry_id: str, body: bytes, value: Any, has_value: bool, msg_id: str,
+                attempt: int) -> tuple[int, str | None, str | None, str | None]:
+        """Run a loaded handler on one message. Returns (status, error, traceback, kind);
+        status is ACK, NACK, SETTLED or UNDECODABLE (see sandbox.lua)."""
+        if has_value:
+            try:
+                value = to_lua(self.lua, value)
+            except TypeError as exc:
+                return UNDECODABLE, f"body cannot be handed to Lua: {exc}", None, None
+        result = self._host_deliver(entry_id, body, value, has_value, msg_id, attempt)
+        if type(result) is int:
+            return result, None, None, None
+        padded = tuple(result) + (None, None, None)
+        return padded[0], padded[1], padded[2], padded[3]
 
     def compile(self, text: str, chunkname: str) -> str | None:
         """Syntax-check Lua text without running it; the error message, or None."""

@@ -1,0 +1,1 @@
+"""Services (drivers, consumers, processes): dependency order, start, restart, stop."""

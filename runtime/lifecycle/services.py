@@ -1,0 +1,172 @@
+"""The three kinds of service: a driver, a consumer, a Lua process (`process.service`)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from ..drivers import DRIVERS
+from ..errors import LuaHandlerError
+from ..lua.sandbox import LuaSandbox
+from ..queue.consumer import ConsumerPool
+from ..queue.driver import Driver
+from ..queue.router import QueueRouter
+from ..registry import ConsumerSpec, EntrySpec, QueueSpec, ServiceSpec
+
+if TYPE_CHECKING:
+    pass
+
+log = logging.getLogger("runtime.lifecycle")
+
+
+class Service:
+    def __init__(self, spec: EntrySpec):
+        self.spec = spec
+
+    @property
+    def id(self) -> str:
+        return self.spec.id
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def stop(self, timeout: float) -> list[str]:
+        """Stop; return the names of what overran the timeout."""
+        return []
+
+    def idle(self) -> bool:
+        return True
+
+
+class DriverService(Service):
+    """Creates the driver and binds every queue that names it."""
+
+    def __init__(self, spec: EntrySpec, router: QueueRouter, on_change: Callable[[], None]):
+        super().__init__(spec)
+        self.router = router
+        self.on_change = on_change
+        self.driver: Driver | None = None
+
+    def start(self) -> None:
+        self.driver = DRIVERS[self.spec.kind](self.spec.id)
+        self.driver.add_listener(self.on_change)
+        for queue in self.router.registry.of_type(QueueSpec):
+            if queue.driver == self.spec.id:
+                self.router.bind(queue, self.driver)
+
+    def stop(self, timeout: float) -> list[str]:
+        for bound in self.router.queues.values():
+            if bound.driver is self.driver:
+                bound.accepting = False
+        if self.driver is not None:
+            self.driver.close()
+        return []
+
+
+class ConsumerService(Service):
+    spec: ConsumerSpec
+
+    def __init__(self, spec: ConsumerSpec, router: QueueRouter, make_sandbox: Callable[[], LuaSandbox],
+                 on_change: Callable[[], None]):
+        super().__init__(spec)
+        self.router = router
+        self.make_sandbox = make_sandbox
+        self.on_change = on_change
+        self.pool: ConsumerPool | None = None
+
+    def start(self) -> None:
+        queue = self.router.bound(self.spec.queue)
+        dl = queue.spec.dead_letter
+        dead_letter = self.router.queues.get(dl.queue) if dl else None
+        if dl is not None and dead_letter is None:
+            log.warning("consumer %s: dead-letter queue %s is not running; failed messages are requeued instead",
+                        self.id, dl.queue)
+        self.pool = ConsumerPool(self.spec, queue, dead_letter, self.make_sandbox, self.on_change)
+        self.pool.start()
+
+    def stop(self, timeout: float) -> list[str]:
+        return self.pool.stop(timeout) if self.pool is not None else []
+
+    def idle(self) -> bool:
+        if self.pool is None:
+            return True
+        info = self.pool.queue.info()
+        return info["message_count"] == 0 and self.pool.stats()["in_flight"] == 0
+
+
+class ProcessService(Service):
+    """Runs a process.lua's `main(args...)` once, in its own thread and Lua state, with the
+    restart policy applied when it raises."""
+
+    spec: ServiceSpec
+
+    def __init__(self, spec: ServiceSpec, make_sandbox: Callable[[], LuaSandbox], on_change: Callable[[], None]):
+        super().__init__(spec)
+        self.make_sandbox = make_sandbox
+        self.on_change = on_change
+        self.thread: threading.Thread | None = None
+        self.sandbox: LuaSandbox | None = None
+        self.finished = threading.Event()
+        self.stopping = threading.Event()
+        self.failures = 0
+        self.result: object = None
+
+    def start(self) -> None:
+        self.sandbox = self.make_sandbox()
+        self.sandbox.ensure_loaded(self.spec.process)  # a bad chunk refuses the start
+        self.thread = threading.Thread(target=self._run, daemon=True, name=self.id)
+        self.thread.start()
+
+    def _run(self) -> None:
+        policy = self.spec.lifecycle.restart
+        delay = policy.initial_delay if policy else 0.0
+        try:
+            while not self.stopping.is_set():
+                try:
+                    assert self.sandbox is not None
+                    self.result = self.sandbox.call(self.spec.process, *self.spec.args)
+                    log.info("process %s finished", self.id)
+                    return
+                except LuaHandlerError as exc:
+                    self.failures += 1
+                    if self.stopping.is_set():
+                        return
+                    if policy is None or (policy.max_attempts and self.failures > policy.max_attempts):
+                        log.error("process %s failed%s: %s", self.id,
+                                  f" after {self.failures} attempts" if policy else "", exc)
+                        return
+                    log.warning("process %s failed (attempt %d), restarting in %gs: %s", self.id, self.failures,
+                                delay, exc)
+                    if self.stopping.wait(delay):
+                        return
+                    delay = min(delay * 2 or policy.initial_delay, policy.max_delay)
+                    self.sandbox = self.make_sandbox()
+        finally:
+            self.finished.set()
+            self.on_change()
+
+    def stop(self, timeout: float) -> list[str]:
+        self.stopping.set()
+        if self.sandbox is not None:
+            self.sandbox.bridge.cancel.set()
+        if self.thread is not None:
+            self.thread.join(timeout)
+            if self.thread.is_alive():
+                return [self.id]
+        return []
+
+    def idle(self) -> bool:
+        return self.finished.is_set() or self.thread is None
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.005) -> bool:
+    deadline = time.monotonic() + timeout
+    while True:
+        if predicate():
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(interval)

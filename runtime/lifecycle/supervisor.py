@@ -1,0 +1,64 @@
+"""Brings services up in dependency order and down in reverse, under one time budget."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from ..errors import ConfigError, LuaHandlerError, Problem
+from ..lua.sandbox import LuaSandbox
+from ..queue.router import QueueRouter
+from ..registry import ConsumerSpec, EntrySpec, Registry, ServiceSpec
+from .graph import start_order
+from .services import ConsumerService, DriverService, ProcessService, Service
+
+log = logging.getLogger("runtime.lifecycle")
+
+
+class Supervisor:
+    def __init__(self, registry: Registry, router: QueueRouter, make_sandbox: Callable[[], LuaSandbox],
+                 on_change: Callable[[], None]):
+        self.registry = registry
+        self.router = router
+        self.make_sandbox = make_sandbox
+        self.on_change = on_change
+        self.started: list[Service] = []
+
+    def _service(self, spec: EntrySpec) -> Service | None:
+        if spec.kind.startswith("queue.driver."):
+            return DriverService(spec, self.router, self.on_change)
+        if isinstance(spec, ConsumerSpec):
+            return ConsumerService(spec, self.router, self.make_sandbox, self.on_change)
+        if isinstance(spec, ServiceSpec):
+            return ProcessService(spec, self.make_sandbox, self.on_change)
+        return None
+
+    def start(self) -> None:
+        """Start every auto_start service and its dependencies. A service whose Lua cannot
+        be loaded is a configuration error: what was started is stopped again and
+        ConfigError is raised (no half-started app)."""
+        for entry_id in start_order(self.registry):
+            spec = self.registry.entries[entry_id]
+            service = self._service(spec)
+            if service is None:
+                continue
+            try:
+                service.start()
+            except LuaHandlerError as exc:
+                self.stop(timeout_override=spec.lifecycle.stop_timeout)
+                raise ConfigError([Problem(spec.file, spec.line, f"{spec.kind} {spec.id} cannot start: {exc}")]) \
+                    from None
+            self.started.append(service)
+            log.debug("started %s", spec.id)
+
+    def stop(self, timeout_override: float | None = None) -> list[str]:
+        """Stop in reverse start order. Returns what overran its stop timeout."""
+        overran: list[str] = []
+        while self.started:
+            service = self.started.pop()
+            timeout = timeout_override if timeout_override is not None else service.spec.lifecycle.stop_timeout
+            overran += service.stop(timeout)
+        return overran
+
+    def services(self) -> list[Service]:
+        return list(self.started)

@@ -1,0 +1,1 @@
+"""Messages, codecs, the driver interface, and consumers with their worker pools."""

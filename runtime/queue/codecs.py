@@ -1,0 +1,76 @@
+"""Queue codecs (SPEC §2): `json/plain` (default) and `application/msgpack`.
+
+Every driver path goes through the codec, the memory driver included, so a message that
+works in tests works with a broker. Lua publishes JSON text (already validated strictly in
+Lua), so the JSON codec takes it as it is; the msgpack codec re-encodes it.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import msgpack
+
+from ..errors import InvalidMessage
+
+
+class Codec:
+    name = ""
+
+    def encode(self, value: Any) -> bytes:
+        """Encode a Python value (from the CLI or App.publish)."""
+        raise NotImplementedError
+
+    def encode_json_text(self, text: str) -> bytes:
+        """Encode a value given as JSON text (from Lua's queue.publish)."""
+        raise NotImplementedError
+
+    def decode(self, body: bytes) -> Any:
+        """Decode to a Python value. Raises ValueError when the body cannot be decoded."""
+        raise NotImplementedError
+
+
+class JsonCodec(Codec):
+    name = "json/plain"
+
+    def encode(self, value: Any) -> bytes:
+        try:
+            return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
+        except (TypeError, ValueError) as exc:
+            raise InvalidMessage(f"body cannot be encoded as JSON: {exc}") from None
+
+    def encode_json_text(self, text: str) -> bytes:
+        return text.encode("utf-8")
+
+    def decode(self, body: bytes) -> Any:
+        try:
+            return json.loads(body)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"body is not valid JSON: {exc}") from None
+
+
+class MsgpackCodec(Codec):
+    name = "application/msgpack"
+
+    def encode(self, value: Any) -> bytes:
+        try:
+            return msgpack.packb(value, use_bin_type=True)  # type: ignore[no-any-return]
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise InvalidMessage(f"body cannot be encoded as msgpack: {exc}") from None
+
+    def encode_json_text(self, text: str) -> bytes:
+        return self.encode(json.loads(text))
+
+    def decode(self, body: bytes) -> Any:
+        try:
+            return msgpack.unpackb(body, raw=False, strict_map_key=False)
+        except Exception as exc:  # msgpack raises several unrelated types
+            raise ValueError(f"body is not valid msgpack: {exc}") from None
+
+
+CODECS: dict[str, Codec] = {"json/plain": JsonCodec(), "application/msgpack": MsgpackCodec()}
+
+
+def get_codec(name: str) -> Codec:
+    return CODECS[name]

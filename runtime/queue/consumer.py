@@ -1,0 +1,275 @@
+"""A consumer and its worker pool (SPEC §3, §6).
+
+`concurrency` worker threads each own one Lua state with the handler loaded. A fetcher
+thread moves deliveries from the driver into a shared buffer of `prefetch` slots; when
+every worker is busy and the buffer is full, the fetcher takes nothing more from the
+driver (backpressure). A worker's loop body is one `run_once()` step.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue as pyqueue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from ..errors import LuaHandlerError, RuntimeHostError
+from ..lua.sandbox import ACK, SETTLED, UNDECODABLE, LuaSandbox
+from ..registry import ConsumerSpec
+from .codecs import JsonCodec
+from .driver import Delivery
+from .message import Message
+from .router import BoundQueue
+
+log = logging.getLogger("runtime.consumer")
+POLL = 0.05  # seconds: how often blocked threads look at the stop flag
+
+
+@dataclass
+class Counters:
+    acked: int = 0
+    nacked: int = 0
+    dead_lettered: int = 0
+    processed: int = 0
+
+
+@dataclass
+class _Worker:
+    index: int
+    sandbox: LuaSandbox | None = None
+    thread: threading.Thread | None = None
+    current: Delivery | None = None
+    started_at: float = 0.0
+    counters: Counters = field(default_factory=Counters)
+
+
+class ConsumerPool:
+    """Runs one `queue.consumer` entry."""
+
+    def __init__(self, spec: ConsumerSpec, queue: BoundQueue, dead_letter: BoundQueue | None,
+                 make_sandbox: Callable[[], LuaSandbox], on_change: Callable[[], None] = lambda: None):
+        self.spec = spec
+        self.queue = queue
+        self.dead_letter = dead_letter
+        self.make_sandbox = make_sandbox
+        self.on_change = on_change
+        self.workers = [_Worker(i) for i in range(spec.concurrency)]
+        self._buffer: pyqueue.SimpleQueue[Delivery] = pyqueue.SimpleQueue()
+        self._slots = threading.Semaphore(spec.prefetch)
+        self._stopping = threading.Event()
+        self._fetcher: threading.Thread | None = None
+        self._json_body = isinstance(queue.codec, JsonCodec)
+        self.started = False
+
+    # -- start -------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start the workers, each loading the handler first; LuaHandlerError if any cannot."""
+        ready = threading.Barrier(len(self.workers) + 1)
+        failures: list[LuaHandlerError] = []
+        for w in self.workers:
+            w.thread = threading.Thread(target=self._worker_main, args=(w, ready, failures), daemon=True,
+                                        name=f"{self.spec.id}#{w.index}")
+            w.thread.start()
+        ready.wait()
+        if failures:
+            self._stopping.set()
+            raise failures[0]
+        self.queue.consumers += 1
+        self.started = True
+        self._fetcher = threading.Thread(target=self._fetch_loop, daemon=True, name=f"{self.spec.id}/fetch")
+        self._fetcher.start()
+
+    def _worker_main(self, w: _Worker, ready: threading.Barrier, failures: list[LuaHandlerError]) -> None:
+        try:
+            w.sandbox = self.make_sandbox()
+            w.sandbox.ensure_loaded(self.spec.func)
+        except LuaHandlerError as exc:
+            failures.append(exc)
+        except Exception as exc:  # noqa: BLE001 - reported as a start failure
+            failures.append(LuaHandlerError(f"worker could not start: {exc}", entry_id=self.spec.func))
+        ready.wait()
+        if failures:
+            return
+        while not self._stopping.is_set():
+            self.run_once(w)
+
+    # -- fetching ----------------------------------------------------------------------------
+    def _fetch_loop(self) -> None:
+        driver, name = self.queue.driver, self.queue.name
+        while not self._stopping.is_set():
+            if not self._slots.acquire(timeout=POLL):
+                continue
+            free = 1
+            while free < 64 and self._slots.acquire(blocking=False):
+                free += 1
+            try:
+                deliveries = driver.get(name, free, POLL)
+            except Exception:  # noqa: BLE001 - a driver failure must not kill the fetcher silently
+                log.exception("consumer %s: fetching from queue %s failed", self.spec.id, self.queue.spec.id)
+                deliveries = []
+                self._stopping.wait(1.0)
+            for _ in range(free - len(deliveries)):
+                self._slots.release()
+            for d in deliveries:
+                self._buffer.put(d)
+
+    # -- one step of a worker ------------------------------------------------------------------
+    def run_once(self, w: _Worker, timeout: float = POLL) -> bool:
+        """Take one delivery from the buffer and process it. False if none came in time."""
+        try:
+            d = self._buffer.get(timeout=timeout)
+        except pyqueue.Empty:
+            return False
+        self._slots.release()
+        if self._stopping.is_set():
+            self.queue.driver.release(d)
+            return False
+        w.current, w.started_at = d, time.monotonic()
+        try:
+            self._process(w, d)
+        finally:
+            w.current = None
+            w.counters.processed += 1
+            self.on_change()
+        return True
+
+    def _process(self, w: _Worker, d: Delivery) -> None:
+        assert w.sandbox is not None
+        msg = d.message
+        driver = self.queue.driver
+        if self.spec.auto_ack:
+            driver.ack(d)
+            w.counters.acked += 1
+        bridge = w.sandbox.bridge
+        bridge.delivery = d
+        bridge.settler = lambda action: self._settle(w, d, action)
+        try:
+            if self._json_body:
+                status, error, tb, kind = w.sandbox.deliver(self.spec.func, msg.body, None, False, msg.id,
+                                                            msg.attempt)
+            else:
+                try:
+                    value = self.queue.codec.decode(msg.body)
+                except ValueError as exc:
+                    status, error, tb, kind = UNDECODABLE, str(exc), None, None
+                else:
+                    status, error, tb, kind = w.sandbox.deliver(self.spec.func, msg.body, value, True, msg.id,
+                                                                msg.attempt)
+        finally:
+            bridge.settler = None
+            bridge.delivery = None
+        if status == ACK:
+            if not self.spec.auto_ack and driver.ack(d):
+                w.counters.acked += 1
+            return
+        if status == SETTLED:
+            if error:
+                self._log_failure(msg, error, tb, "after settling its message")
+            return
+        what = "could not decode the message body" if status == UNDECODABLE else None
+        self._log_failure(msg, error or "handler failed", tb, what)
+        if self.spec.auto_ack:
+            return  # at-most-once: already settled, not redelivered
+        self._fail(w, d, error or "handler failed")
+
+    def _settle(self, w: _Worker, d: Delivery, action: str) -> None:
+        if action == "ack":
+            if self.queue.driver.ack(d):
+                w.counters.acked += 1
+        else:
+            self._fail(w, d, "nacked by the handler")
+
+    def _fail(self, w: _Worker, d: Delivery, reason: str) -> None:
+        """A failed delivery: requeue with attempt+1, or dead-letter at max_attempts."""
+        msg = d.message
+        dl = self.queue.spec.dead_letter
+        if dl is not None and self.dead_letter is not None and msg.attempt >= dl.max_attempts:
+            headers = dict(msg.headers)
+            headers.update({"x_dead_letter_reason": reason, "x_original_queue": self.queue.spec.id,
+                            "x_attempts": msg.attempt})
+            body = msg.body
+            if self.dead_letter.codec is not self.queue.codec:
+                try:
+                    body = self.dead_letter.codec.encode(self.queue.codec.decode(body))
+                except (ValueError, RuntimeHostError):
+                    pass  # undecodable: kept as the bytes it came with
+            try:
+                self.dead_letter.driver.put(self.dead_letter.name, Message(body, headers, msg.id, msg.attempt),
+                                            timeout=0)
+            except RuntimeHostError:
+                # The dead-letter queue is full: never drop; retry through the queue instead.
+                log.error("dead-letter queue %s is full; message %s is requeued", self.dead_letter.spec.id, msg.id)
+                if self.queue.driver.requeue(d, msg):
+                    w.counters.nacked += 1
+                return
+            if self.queue.driver.ack(d):
+                w.counters.dead_lettered += 1
+            return
+        if self.queue.driver.requeue(d, msg.retried()):
+            w.counters.nacked += 1
+
+    def _log_failure(self, msg: Message, error: str, tb: str | None, what: str | None) -> None:
+        text = f"consumer {self.spec.id}: message {msg.id} (attempt {msg.attempt}) "
+        text += f"{what}: {error}" if what else f"failed: {error}"
+        if tb and tb.strip() and tb.strip() != "stack traceback:":
+            text += "\n" + tb.strip()
+        log.warning(text, extra={"entry": self.spec.func, "lua_file": "", "lua_line": 0})
+
+    # -- stop ----------------------------------------------------------------------------------
+    def stop(self, timeout: float) -> list[str]:
+        """Graceful shutdown (SPEC §3). Returns the names of workers that overran `timeout`
+        (their messages are back in the queue)."""
+        deadline = time.monotonic() + timeout
+        self._stopping.set()  # (1) take no new deliveries
+        for w in self.workers:  # (2) cancel: time.sleep returns Canceled
+            if w.sandbox is not None:
+                w.sandbox.bridge.cancel.set()
+        if self._fetcher is not None:
+            self._fetcher.join(max(0.0, deadline - time.monotonic()) + POLL * 2)
+        for w in self.workers:  # (3) wait for in-flight handlers
+            if w.thread is not None:
+                w.thread.join(max(0.0, deadline - time.monotonic()))
+        self._return_buffered()  # (4) prefetched, never started: back unchanged
+        overran = []
+        for w in self.workers:  # (5) abandoned handlers: their messages go back too
+            if w.thread is not None and w.thread.is_alive():
+                d = w.current
+                if d is not None and self.queue.driver.release(d):
+                    overran.append(f"{self.spec.id}#{w.index}")
+                elif d is not None:
+                    overran.append(f"{self.spec.id}#{w.index}")
+        if self.started:
+            self.queue.consumers -= 1
+            self.started = False
+        self.on_change()
+        return overran
+
+    def _return_buffered(self) -> None:
+        pending = []
+        while True:
+            try:
+                pending.append(self._buffer.get_nowait())
+            except pyqueue.Empty:
+                break
+        for d in reversed(pending):  # released to the head: keep their order
+            self.queue.driver.release(d)
+
+    # -- stats -------------------------------------------------------------------------------
+    def stats(self) -> dict[str, int]:
+        total = Counters()
+        in_flight = 0
+        for w in self.workers:
+            c = w.counters
+            total.acked += c.acked
+            total.nacked += c.nacked
+            total.dead_lettered += c.dead_lettered
+            total.processed += c.processed
+            in_flight += w.current is not None
+        in_flight += self._buffer.qsize()
+        return {"acked": total.acked, "nacked": total.nacked, "dead_lettered": total.dead_lettered,
+                "in_flight": in_flight, "processed": total.processed}
+
+

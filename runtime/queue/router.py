@@ -1,0 +1,118 @@
+"""Queues bound to running drivers, and the routing of publishes and info requests.
+
+`QueueRouter` is what Lua's `queue` module, `App.publish` and the CLI publish through: it
+resolves queue IDs, validates headers, applies the queue's codec and hands bytes to the
+driver. Permission checks for Lua callers happen here too (SPEC §3).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import InvalidMessage, QueueNotFound, QueueUnavailable
+from ..registry import QueueSpec, Registry
+from .codecs import Codec, get_codec
+from .driver import Driver
+from .message import HeaderValue, Message
+
+PUBLISH_TIMEOUT = 30.0
+
+
+@dataclass
+class BoundQueue:
+    """A `queue.queue` entry bound to its started driver."""
+
+    spec: QueueSpec
+    driver: Driver
+    codec: Codec
+    consumers: int = 0
+    accepting: bool = True
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def name(self) -> str:
+        return self.spec.queue_name
+
+    def put(self, message: Message, timeout: float) -> None:
+        if not self.accepting:
+            raise QueueUnavailable(f"queue '{self.spec.id}' is stopped")
+        self.driver.put(self.name, message, timeout)
+
+    def info(self) -> dict[str, int]:
+        ready, in_flight = self.driver.stats(self.name)
+        return {"ready": ready, "in_flight": in_flight, "message_count": ready + in_flight,
+                "consumer_count": self.consumers}
+
+
+def check_headers(headers: dict[str, Any] | None) -> dict[str, HeaderValue]:
+    """Headers from Python: string names, scalar values, no reserved `x_` names."""
+    out: dict[str, HeaderValue] = {}
+    for key, value in (headers or {}).items():
+        if not isinstance(key, str):
+            raise InvalidMessage(f"header names must be strings (got {type(key).__name__})")
+        if key.startswith("x_"):
+            raise InvalidMessage(f"header '{key}' is reserved: names starting with 'x_' belong to the runtime")
+        if not isinstance(value, (str, int, float, bool)):
+            raise InvalidMessage(f"header '{key}' must be a string, number or boolean")
+        out[key] = value
+    return out
+
+
+class QueueRouter:
+    """Resolves queue IDs to bound queues; the host side of `queue.publish`/`queue.info`."""
+
+    def __init__(self, registry: Registry):
+        self.registry = registry
+        self.queues: dict[str, BoundQueue] = {}
+        self.publish_timeout = PUBLISH_TIMEOUT
+        # Set by the app: may raise PermissionDenied for a Lua caller (SPEC §3).
+        self.authorize: Callable[[str, str], None] | None = None
+
+    def bind(self, spec: QueueSpec, driver: Driver) -> BoundQueue:
+        driver.declare(spec.queue_name, dict(spec.driver_options.get(_driver_key(driver), {}) or {}))
+        bound = BoundQueue(spec, driver, get_codec(spec.codec))
+        self.queues[spec.id] = bound
+        return bound
+
+    def spec(self, queue_id: str, namespace: str | None = None) -> QueueSpec:
+        full = self.registry.resolve(queue_id, namespace)
+        spec = self.registry.get(full, QueueSpec)
+        if spec is None:
+            raise QueueNotFound(f"queue '{queue_id}' not found")
+        return spec
+
+    def bound(self, queue_id: str, namespace: str | None = None) -> BoundQueue:
+        spec = self.spec(queue_id, namespace)
+        bound = self.queues.get(spec.id)
+        if bound is None:
+            raise QueueUnavailable(f"queue '{spec.id}' is not running (its driver '{spec.driver}' is not started)")
+        return bound
+
+    # -- from Python (App.publish, CLI) ------------------------------------------------------
+    def publish_value(self, queue_id: str, data: Any, headers: dict[str, Any] | None = None) -> str:
+        bound = self.bound(queue_id)
+        message = Message.new(bound.codec.encode(data), check_headers(headers))
+        bound.put(message, self.publish_timeout)
+        return message.id
+
+    # -- from Lua (QueuePort) ---------------------------------------------------------------
+    def publish(self, caller_id: str, queue_id: str, body_json: str, headers_json: str) -> str:
+        bound = self.bound(queue_id, caller_id.split(":", 1)[0])
+        if self.authorize is not None:
+            self.authorize(caller_id, bound.spec.id)
+        headers = json.loads(headers_json) if headers_json else {}
+        message = Message.new(bound.codec.encode_json_text(body_json), headers)
+        bound.put(message, self.publish_timeout)
+        return message.id
+
+    def info(self, caller_id: str, queue_id: str) -> dict[str, Any]:
+        return self.bound(queue_id, caller_id.split(":", 1)[0]).info()
+
+
+def _driver_key(driver: Driver) -> str:
+    """The `driver_options` key for a driver: `memory` for queue.driver.memory."""
+    return driver.kind.rsplit(".", 1)[-1]
