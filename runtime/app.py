@@ -84,6 +84,10 @@ class App:
         self._consumers = {s.id: s for s in supervisor.services() if isinstance(s, ConsumerService)}
         return self
 
+    def service_ids(self) -> list[str]:
+        """IDs of the running services, in start order."""
+        return [s.id for s in self._supervisor.services()] if self._supervisor else []
+
     def publish(self, queue_id: str, data: Any, headers: dict[str, Any] | None = None) -> str:
         """Publish `data` (encoded by the queue's codec) to a queue; returns the message id.
         Host-side publishing is the operator's and is not permission-checked."""

@@ -65,9 +65,19 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, ensure_ascii=False, default=str)
 
 
+class _CurrentStderr:
+    """Writes to whatever sys.stderr is now, so a live progress display can redirect it."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
 def configure_logging(level: str = "info", fmt: str = "text", stream: TextIO | None = None) -> None:
     """Send the runtime's logs (and Lua's) to `stream` (stderr) in the chosen format."""
-    handler = logging.StreamHandler(stream or sys.stderr)
+    handler = logging.StreamHandler(stream or _CurrentStderr())  # type: ignore[arg-type]
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger("runtime")
     root.handlers[:] = [handler]

@@ -6,7 +6,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 from ..drivers import DRIVERS
 from ..errors import LuaHandlerError
@@ -15,9 +14,6 @@ from ..queue.consumer import ConsumerPool
 from ..queue.driver import Driver
 from ..queue.router import QueueRouter
 from ..registry import ConsumerSpec, EntrySpec, QueueSpec, ServiceSpec
-
-if TYPE_CHECKING:
-    pass
 
 log = logging.getLogger("runtime.lifecycle")
 
@@ -128,7 +124,11 @@ class ProcessService(Service):
                 try:
                     assert self.sandbox is not None
                     self.result = self.sandbox.call(self.spec.process, *self.spec.args)
-                    log.info("process %s finished", self.id)
+                    error = self.result[1] if isinstance(self.result, tuple) and len(self.result) > 1 else None
+                    if error is not None:
+                        log.warning("process %s finished with an error: %s", self.id, error)
+                    else:
+                        log.info("process %s finished", self.id)
                     return
                 except LuaHandlerError as exc:
                     self.failures += 1

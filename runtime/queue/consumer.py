@@ -8,7 +8,6 @@ driver (backpressure). A worker's loop body is one `run_once()` step.
 
 from __future__ import annotations
 
-import json
 import logging
 import queue as pyqueue
 import threading
