@@ -31,7 +31,9 @@ local function emit(level, entry_id, name, base_fields, msg, fields, stack_level
     end
     local fields_json = ""
     if all ~= nil and next(all) ~= nil then fields_json = json.encode_lenient(all) end
-    pcall(bridge.log, level, entry_id, name, clean(src), line, clean(tostring(msg)), fields_json)
+    local ok_msg, text = pcall(tostring, msg)
+    if not ok_msg or type(text) ~= "string" then text = "<" .. type(msg) .. ">" end
+    pcall(bridge.log, level, entry_id, name and clean(name), clean(src), line, clean(text), fields_json)
 end
 
 local new_logger

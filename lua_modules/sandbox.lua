@@ -16,7 +16,7 @@ local errors, json = mods.errors, mods.json
 local type, pairs, next, tostring, select, error = type, pairs, next, tostring, select, error
 local load, xpcall, setmetatable, rawget = load, xpcall, setmetatable, rawget
 local traceback, getinfo = debug.traceback, debug.getinfo
-local format, sub, find = string.format, string.sub, string.find
+local format, sub, find, byte = string.format, string.sub, string.find, string.byte
 
 -- Lock the shared pieces every state has before any user code runs.
 string.dump = nil
@@ -89,12 +89,11 @@ end
 
 local function on_error(e)
     local msg
-    if errors.is_error(e) then
-        msg = tostring(e)
-    elseif type(e) == "string" then
+    if type(e) == "string" then
         msg = e
     else
-        msg = tostring(e)
+        local ok, s = pcall(tostring, e)
+        msg = (ok and type(s) == "string") and s or ("(error value of type " .. type(e) .. ")")
     end
     return { msg = json.utf8_clean(msg), tb = json.utf8_clean(traceback("", 2)), err = e }
 end
@@ -157,41 +156,74 @@ local function hex(s)
     return (s:gsub(".", function(c) return format("%02x", c:byte()) end))
 end
 
-local function export_value(v, seen)
+local MAX_EXPORT_DEPTH = 200
+
+local function safe_tostring(v)
+    local ok, s = pcall(tostring, v)
+    if ok and type(s) == "string" then return json.utf8_clean(s) end
+    return "<" .. type(v) .. ">"
+end
+
+local function export_string(s)
+    if find(s, "[\128-\255]") and json.utf8_clean(s) ~= s then return { ["\0bytes"] = hex(s) } end
+    return s
+end
+
+-- Keys: a user key starting with "\0" gets one more "\0" (Python strips it), so the
+-- marker keys above can only come from here. Keys Python cannot hash become strings.
+local function export_key(k)
+    local tk = type(k)
+    if tk == "string" then
+        local out = export_string(k)
+        if out == k and byte(k, 1) == 0 then out = "\0" .. k end
+        return out
+    elseif tk == "number" or tk == "boolean" then
+        return k
+    end
+    return safe_tostring(k)
+end
+
+local function export_value(v, seen, depth)
     local tv = type(v)
     if tv == "string" then
-        if find(v, "[\128-\255]") and json.utf8_clean(v) ~= v then return { ["\0bytes"] = hex(v) } end
-        return v
+        return export_string(v)
     elseif tv == "number" or tv == "boolean" or tv == "nil" then
         return v
     elseif tv == "table" then
+        if depth > MAX_EXPORT_DEPTH then
+            error("the result is nested deeper than " .. MAX_EXPORT_DEPTH .. " levels", 0)
+        end
         if errors.is_error(v) then
             local message, kind, retryable, details = errors.fields(v)
-            return { ["\0error"] = { message = export_value(message, seen), kind = kind,
-                                      retryable = retryable, details = export_value(details, seen) } }
+            return { ["\0error"] = { message = export_string(message), kind = kind, retryable = retryable,
+                                      details = export_value(details, seen, depth + 1) } }
         end
         if seen[v] then return "<cycle>" end
         seen[v] = true
         local out = {}
         for k, val in next, v do
-            out[export_value(k, seen)] = export_value(val, seen)
+            out[export_key(k)] = export_value(val, seen, depth + 1)
         end
         seen[v] = nil
         if next(out) == nil and json.is_object(v) then out["\0object"] = true end
         return out
     end
-    return tostring(v)
+    return safe_tostring(v)
 end
 
 function host.export(...)
     local n = select("#", ...)
     local out = {}
-    for i = 1, n do out[i] = export_value((select(i, ...)), {}) end
+    for i = 1, n do out[i] = export_value((select(i, ...)), {}, 1) end
     return n, out
 end
 
 local function finish_call(ok, ...)
-    if ok then return true, host.export(...) end
+    if ok then
+        local eok, n, out = pcall(host.export, ...)
+        if not eok then return false, "cannot return the result to Python: " .. safe_tostring(n), "" end
+        return true, n, out
+    end
     local info = ...
     return false, info.msg, info.tb, error_kind(info)
 end
@@ -230,7 +262,7 @@ function host.deliver(id, body, value, has_value, msg_id, attempt)
     if r2 ~= nil then
         local kind = nil
         if errors.is_error(r2) then local _, k = errors.fields(r2) kind = k end
-        return NACK, clean(tostring(r2)), "", kind
+        return NACK, safe_tostring(r2), "", kind
     end
     if r1 == false then return NACK, "handler returned false", "" end
     return ACK

@@ -12,6 +12,7 @@ from .lifecycle.services import ConsumerService, ProcessService
 from .lifecycle.supervisor import Supervisor
 from .lua.sandbox import LuaSandbox
 from .lua.syntax import check_lua_sources
+from .queue.driver import Driver
 from .queue.router import QueueRouter
 from .registry import Registry, display_path, load_registry
 
@@ -29,6 +30,7 @@ class App:
         self._changes = 0
         self._supervisor: Supervisor | None = None
         self._consumers: dict[str, ConsumerService] = {}
+        self._drivers: dict[str, Driver] = {}  # kept across stop/start, as the memory driver's contents are
 
     @classmethod
     def load(cls, path: str | Path, *, strict_security: bool = False) -> App:
@@ -78,7 +80,7 @@ class App:
         Raises ConfigError (nothing left running) if a handler cannot be loaded."""
         if self._supervisor is not None:
             return self
-        supervisor = Supervisor(self.registry, self.router, self.new_sandbox, self._changed)
+        supervisor = Supervisor(self.registry, self.router, self.new_sandbox, self._changed, self._drivers)
         supervisor.start()
         self._supervisor = supervisor
         self._consumers = {s.id: s for s in supervisor.services() if isinstance(s, ConsumerService)}

@@ -166,3 +166,34 @@ def test_publish_when_not_running_is_unavailable(tmp_path):
     from runtime.errors import QueueUnavailable
     with pytest.raises(QueueUnavailable):
         app.publish("p:out", {"x": 1})
+
+
+def test_restarted_app_finds_its_memory_queues_again(tmp_path):
+    write_app(tmp_path, {"app.yaml": """
+        namespace: r
+        entries:
+          - name: mem
+            kind: queue.driver.memory
+            lifecycle: {auto_start: true}
+          - name: q
+            kind: queue.queue
+            driver: mem
+          - name: h
+            kind: function.lua
+            source: "return function() end"
+          - name: c
+            kind: queue.consumer
+            queue: q
+            func: h
+    """})
+    app = App.load(tmp_path)
+    app.start()
+    for i in range(5):
+        app.publish("r:q", i)
+    app.stop()
+    assert app.stats()["queues"]["r:q"]["ready"] == 5
+    app.start()  # same App: same driver, same contents
+    assert app.stats()["queues"]["r:q"]["ready"] == 5
+    app.publish("r:q", 6)
+    app.stop()
+    assert app.stats()["queues"]["r:q"]["ready"] == 6

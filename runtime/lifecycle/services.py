@@ -40,15 +40,19 @@ class Service:
 class DriverService(Service):
     """Creates the driver and binds every queue that names it."""
 
-    def __init__(self, spec: EntrySpec, router: QueueRouter, on_change: Callable[[], None]):
+    def __init__(self, spec: EntrySpec, router: QueueRouter, on_change: Callable[[], None],
+                 drivers: dict[str, Driver]):
         super().__init__(spec)
         self.router = router
         self.on_change = on_change
+        self.drivers = drivers  # kept by the App: a restarted app finds its memory queues again
         self.driver: Driver | None = None
 
     def start(self) -> None:
-        self.driver = DRIVERS[self.spec.kind](self.spec.id)
-        self.driver.add_listener(self.on_change)
+        self.driver = self.drivers.get(self.spec.id)
+        if self.driver is None:
+            self.driver = self.drivers[self.spec.id] = DRIVERS[self.spec.kind](self.spec.id)
+            self.driver.add_listener(self.on_change)
         for queue in self.router.registry.of_type(QueueSpec):
             if queue.driver == self.spec.id:
                 self.router.bind(queue, self.driver)

@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 from ..errors import ConfigError, LuaHandlerError, Problem
 from ..lua.sandbox import LuaSandbox
+from ..queue.driver import Driver
 from ..queue.router import QueueRouter
 from ..registry import ConsumerSpec, EntrySpec, Registry, ServiceSpec
 from .graph import start_order
@@ -17,8 +18,9 @@ log = logging.getLogger("runtime.lifecycle")
 
 class Supervisor:
     def __init__(self, registry: Registry, router: QueueRouter, make_sandbox: Callable[[], LuaSandbox],
-                 on_change: Callable[[], None]):
+                 on_change: Callable[[], None], drivers: dict[str, Driver]):
         self.registry = registry
+        self.drivers = drivers
         self.router = router
         self.make_sandbox = make_sandbox
         self.on_change = on_change
@@ -26,7 +28,7 @@ class Supervisor:
 
     def _service(self, spec: EntrySpec) -> Service | None:
         if spec.kind.startswith("queue.driver."):
-            return DriverService(spec, self.router, self.on_change)
+            return DriverService(spec, self.router, self.on_change, self.drivers)
         if isinstance(spec, ConsumerSpec):
             return ConsumerService(spec, self.router, self.make_sandbox, self.on_change)
         if isinstance(spec, ServiceSpec):

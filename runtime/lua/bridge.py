@@ -67,12 +67,14 @@ class Bridge:
     @staticmethod
     def log(level: int, entry_id: str, name: str | None, src: str, line: int, msg: str,
             fields_json: str) -> None:
-        logger = logging.getLogger(f"{LUA_LOGGER}.{name}" if name else LUA_LOGGER)
+        # Named loggers share one Python logger: Lua must not be able to create Logger objects
+        # without bound (logging keeps every one forever). The name shows in the record.
+        logger = logging.getLogger(LUA_LOGGER)
         fields = json.loads(fields_json) if fields_json else {}
         if not isinstance(fields, dict):
             fields = {"fields": fields}
         record = logger.makeRecord(
-            logger.name, int(level), src, int(line), msg, (), None, func=None,
+            f"{LUA_LOGGER}.{name}" if name else LUA_LOGGER, int(level), src, int(line), msg, (), None, func=None,
             extra={"entry": entry_id, "lua_line": int(line), "lua_file": src, "fields": fields},
         )
         logger.handle(record)
