@@ -247,7 +247,7 @@ function host.deliver(id, body, value, has_value, msg_id, attempt)
     if not has_value then
         local err
         value, err = json_decode(body)
-        if err then return UNDECODABLE, tostring(err), "" end
+        if err then return UNDECODABLE, safe_tostring(err), "" end
     end
     local cur = { id = msg_id, attempt = attempt, body = body, value = value }
     state.current = cur

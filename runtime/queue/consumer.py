@@ -129,6 +129,12 @@ class ConsumerPool:
         w.current, w.started_at = d, time.monotonic()
         try:
             self._process(w, d)
+        except Exception as exc:  # noqa: BLE001 - a host bug must not kill the worker or lose the message
+            log.exception("consumer %s: internal error on message %s", self.spec.id, d.message.id)
+            try:
+                self._fail(w, d, f"internal error: {type(exc).__name__}: {exc}")
+            except Exception:  # noqa: BLE001
+                log.exception("consumer %s: could not return message %s", self.spec.id, d.message.id)
         finally:
             w.current = None
             w.counters.processed += 1
