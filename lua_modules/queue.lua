@@ -70,7 +70,16 @@ new_message = function(cur)
         cur.settled = action
         return true
     end
-    function msg:id() local ok, err = live() if not ok then return nil, err end return cur.id end
+    function msg:id()
+        local ok, err = live()
+        if not ok then return nil, err end
+        if cur.id == nil then
+            local id, herr = call_host(bridge.message_id)
+            if id == nil then return nil, herr end
+            cur.id = id
+        end
+        return cur.id
+    end
     function msg:attempt() local ok, err = live() if not ok then return nil, err end return cur.attempt end
     function msg:body() local ok, err = live() if not ok then return nil, err end return cur.body end
     function msg:body_json() local ok, err = live() if not ok then return nil, err end return cur.value end

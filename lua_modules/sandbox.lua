@@ -6,8 +6,8 @@
 --   host.call(id, ...) -> true, n, exported | false, msg, tb, kind
 --   host.export(...) -> n, exported   (values made safe for Python: see export below)
 --   host.compile(text, chunkname) -> true | nil, msg   (syntax check, never runs code)
---   host.deliver(id, body, value, has_value, msg_id, attempt)
---       -> status, msg, tb, kind   (one message to a handler; see DELIVERY below)
+--   host.deliverer(id) -> deliver(body, value, has_value, attempt) -> status, msg, tb
+--       (hands one message to the entry's handler; see DELIVERY below)
 --   host.state                       (shared per-state data, e.g. the current message)
 -- The sandbox is built by absence: a fresh environment table per entry holding only what
 -- SPEC §4 lists. Sandboxed code never sees the real globals, this table, or the bridge.
@@ -241,31 +241,30 @@ end
 local ACK, NACK, SETTLED, UNDECODABLE = 0, 1, 2, 3
 local json_decode, clean = json.decode, json.utf8_clean
 
-function host.deliver(id, body, value, has_value, msg_id, attempt)
+function host.deliverer(id)
     local entry = loaded[id]
-    if entry == nil or entry.fn == nil then return NACK, "entry '" .. id .. "' is not loaded", "" end
-    if not has_value then
-        local err
-        value, err = json_decode(body)
-        if err then return UNDECODABLE, safe_tostring(err), "" end
+    if entry == nil or entry.fn == nil then return nil end
+    local fn = entry.fn
+    return function(body, value, has_value, attempt)
+        if not has_value then
+            local err
+            value, err = json_decode(body)
+            if err then return UNDECODABLE, safe_tostring(err), "" end
+        end
+        local cur = { attempt = attempt, body = body, value = value }
+        state.current = cur
+        local ok, r1, r2 = xpcall(fn, on_error, value)
+        state.current = nil
+        cur.released = true
+        if cur.settled then
+            if not ok then return SETTLED, r1.msg, r1.tb end
+            return SETTLED
+        end
+        if not ok then return NACK, r1.msg, r1.tb end
+        if r2 ~= nil then return NACK, safe_tostring(r2), "" end
+        if r1 == false then return NACK, "handler returned false", "" end
+        return ACK
     end
-    local cur = { id = msg_id, attempt = attempt, body = body, value = value }
-    state.current = cur
-    local ok, r1, r2 = xpcall(entry.fn, on_error, value)
-    state.current = nil
-    cur.released = true
-    if cur.settled then
-        if not ok then return SETTLED, r1.msg, r1.tb end
-        return SETTLED
-    end
-    if not ok then return NACK, r1.msg, r1.tb, error_kind(r1) end
-    if r2 ~= nil then
-        local kind = nil
-        if errors.is_error(r2) then local _, k = errors.fields(r2) kind = k end
-        return NACK, safe_tostring(r2), "", kind
-    end
-    if r1 == false then return NACK, "handler returned false", "" end
-    return ACK
 end
 
 return host

@@ -27,7 +27,6 @@ class App:
         self._local = threading.local()
         self._sandboxes: list[LuaSandbox] = []
         self._lock = threading.Lock()
-        self._changes = 0
         self._supervisor: Supervisor | None = None
         self._consumers: dict[str, ConsumerService] = {}
         self._drivers: dict[str, Driver] = {}  # kept across stop/start, as the memory driver's contents are
@@ -68,9 +67,6 @@ class App:
         return self._sandbox().call(func_id, *args)
 
     # -- lifecycle -------------------------------------------------------------------------
-    def _changed(self) -> None:
-        self._changes += 1
-
     @property
     def running(self) -> bool:
         return self._supervisor is not None
@@ -80,7 +76,7 @@ class App:
         Raises ConfigError (nothing left running) if a handler cannot be loaded."""
         if self._supervisor is not None:
             return self
-        supervisor = Supervisor(self.registry, self.router, self.new_sandbox, self._changed, self._drivers)
+        supervisor = Supervisor(self.registry, self.router, self.new_sandbox, self._drivers)
         supervisor.start()
         self._supervisor = supervisor
         self._consumers = {s.id: s for s in supervisor.services() if isinstance(s, ConsumerService)}
@@ -103,14 +99,18 @@ class App:
                 return False
         return True
 
+    def _activity(self) -> int:
+        services = self._supervisor.services() if self._supervisor else []
+        return sum(d.version for d in self._drivers.values()) + sum(s.activity() for s in services)
+
     def idle(self) -> bool:
         """Idle as `--until-idle` defines it: every consumed queue empty, nothing in flight,
-        every process finished. Checked twice around a change counter, so a message moving
+        every process finished. Checked twice around an activity count, so a message moving
         between two queues during the check is not missed."""
-        before = self._changes
+        before = self._activity()
         if not self._idle_now():
             return False
-        return self._changes == before and self._idle_now()
+        return self._activity() == before and self._idle_now()
 
     def wait_idle(self, timeout: float) -> bool:
         """True once idle, False when `timeout` seconds run out first."""

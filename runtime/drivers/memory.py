@@ -67,7 +67,7 @@ class MemoryDriver(Driver):
                     q.not_full.wait(remaining)
             q.items.append(message)
             q.not_empty.notify()
-        self.changed()
+        self.version += 1
 
     def get(self, name: str, max_count: int, timeout: float) -> list[Delivery]:
         q = self._queue(name)
@@ -92,7 +92,7 @@ class MemoryDriver(Driver):
         with q.lock:
             found = q.in_flight.pop(delivery.tag, None) is not None
         if found:
-            self.changed()
+            self.version += 1
         return found
 
     def requeue(self, delivery: Delivery, message: Message) -> bool:
@@ -102,7 +102,7 @@ class MemoryDriver(Driver):
                 return False
             q.items.append(message)
             q.not_empty.notify()
-        self.changed()
+        self.version += 1
         return True
 
     def release(self, delivery: Delivery) -> bool:
@@ -113,7 +113,7 @@ class MemoryDriver(Driver):
                 return False
             q.items.appendleft(message)
             q.not_empty.notify()
-        self.changed()
+        self.version += 1
         return True
 
     def stats(self, name: str) -> tuple[int, int]:

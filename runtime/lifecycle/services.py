@@ -36,15 +36,17 @@ class Service:
     def idle(self) -> bool:
         return True
 
+    def activity(self) -> int:
+        """A number that changes whenever the service does work (for idle detection)."""
+        return 0
+
 
 class DriverService(Service):
     """Creates the driver and binds every queue that names it."""
 
-    def __init__(self, spec: EntrySpec, router: QueueRouter, on_change: Callable[[], None],
-                 drivers: dict[str, Driver]):
+    def __init__(self, spec: EntrySpec, router: QueueRouter, drivers: dict[str, Driver]):
         super().__init__(spec)
         self.router = router
-        self.on_change = on_change
         self.drivers = drivers  # kept by the App: a restarted app finds its memory queues again
         self.driver: Driver | None = None
 
@@ -52,7 +54,6 @@ class DriverService(Service):
         self.driver = self.drivers.get(self.spec.id)
         if self.driver is None:
             self.driver = self.drivers[self.spec.id] = DRIVERS[self.spec.kind](self.spec.id)
-            self.driver.add_listener(self.on_change)
         for queue in self.router.registry.of_type(QueueSpec):
             if queue.driver == self.spec.id:
                 self.router.bind(queue, self.driver)
@@ -69,12 +70,10 @@ class DriverService(Service):
 class ConsumerService(Service):
     spec: ConsumerSpec
 
-    def __init__(self, spec: ConsumerSpec, router: QueueRouter, make_sandbox: Callable[[], LuaSandbox],
-                 on_change: Callable[[], None]):
+    def __init__(self, spec: ConsumerSpec, router: QueueRouter, make_sandbox: Callable[[], LuaSandbox]):
         super().__init__(spec)
         self.router = router
         self.make_sandbox = make_sandbox
-        self.on_change = on_change
         self.pool: ConsumerPool | None = None
 
     def start(self) -> None:
@@ -84,11 +83,14 @@ class ConsumerService(Service):
         if dl is not None and dead_letter is None:
             log.warning("consumer %s: dead-letter queue %s is not running; failed messages are requeued instead",
                         self.id, dl.queue)
-        self.pool = ConsumerPool(self.spec, queue, dead_letter, self.make_sandbox, self.on_change)
+        self.pool = ConsumerPool(self.spec, queue, dead_letter, self.make_sandbox)
         self.pool.start()
 
     def stop(self, timeout: float) -> list[str]:
         return self.pool.stop(timeout) if self.pool is not None else []
+
+    def activity(self) -> int:
+        return sum(w.counters.processed for w in self.pool.workers) if self.pool else 0
 
     def idle(self) -> bool:
         if self.pool is None:
@@ -103,10 +105,9 @@ class ProcessService(Service):
 
     spec: ServiceSpec
 
-    def __init__(self, spec: ServiceSpec, make_sandbox: Callable[[], LuaSandbox], on_change: Callable[[], None]):
+    def __init__(self, spec: ServiceSpec, make_sandbox: Callable[[], LuaSandbox]):
         super().__init__(spec)
         self.make_sandbox = make_sandbox
-        self.on_change = on_change
         self.thread: threading.Thread | None = None
         self.sandbox: LuaSandbox | None = None
         self.finished = threading.Event()
@@ -150,7 +151,6 @@ class ProcessService(Service):
                     self.sandbox = self.make_sandbox()
         finally:
             self.finished.set()
-            self.on_change()
 
     def stop(self, timeout: float) -> list[str]:
         self.stopping.set()
@@ -164,6 +164,9 @@ class ProcessService(Service):
 
     def idle(self) -> bool:
         return self.finished.is_set() or self.thread is None
+
+    def activity(self) -> int:
+        return int(self.finished.is_set())
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.005) -> bool:

@@ -18,21 +18,20 @@ log = logging.getLogger("runtime.lifecycle")
 
 class Supervisor:
     def __init__(self, registry: Registry, router: QueueRouter, make_sandbox: Callable[[], LuaSandbox],
-                 on_change: Callable[[], None], drivers: dict[str, Driver]):
+                 drivers: dict[str, Driver]):
         self.registry = registry
         self.drivers = drivers
         self.router = router
         self.make_sandbox = make_sandbox
-        self.on_change = on_change
         self.started: list[Service] = []
 
     def _service(self, spec: EntrySpec) -> Service | None:
         if spec.kind.startswith("queue.driver."):
-            return DriverService(spec, self.router, self.on_change, self.drivers)
+            return DriverService(spec, self.router, self.drivers)
         if isinstance(spec, ConsumerSpec):
-            return ConsumerService(spec, self.router, self.make_sandbox, self.on_change)
+            return ConsumerService(spec, self.router, self.make_sandbox)
         if isinstance(spec, ServiceSpec):
-            return ProcessService(spec, self.make_sandbox, self.on_change)
+            return ProcessService(spec, self.make_sandbox)
         return None
 
     def start(self) -> None:

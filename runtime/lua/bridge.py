@@ -57,7 +57,7 @@ class Bridge:
     def functions(self) -> dict[str, Callable[..., Any]]:
         return {name: safe(getattr(self, name))
                 for name in ("log", "log_enabled", "publish", "queue_info", "sleep", "now", "settle",
-                                             "message_headers")}
+                                             "message_headers", "message_id")}
 
     # logger -----------------------------------------------------------------------------
     @staticmethod
@@ -92,6 +92,11 @@ class Bridge:
             raise RuntimeHostError("no message to settle")
         self.settler(str(action))
         return True
+
+    def message_id(self) -> str:
+        if self.delivery is None:
+            raise RuntimeHostError("no message")
+        return str(self.delivery.message.id)
 
     def message_headers(self) -> str:
         if self.delivery is None:

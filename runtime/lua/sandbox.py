@@ -66,7 +66,7 @@ class LuaSandbox:
         self.json = json
         self._host_load = self.host.load
         self._host_call = self.host.call
-        self._host_deliver = self.host.deliver
+        self._deliverers: dict[str, Any] = {}
 
     # -- loading ---------------------------------------------------------------------------
     def ensure_loaded(self, entry_id: str) -> LuaCodeSpec:
@@ -119,20 +119,25 @@ class LuaSandbox:
             return out[0]
         return tuple(out)
 
-    def deliver(self, entry_id: str, body: bytes, value: Any, has_value: bool, msg_id: str,
-                attempt: int) -> tuple[int, str | None, str | None, str | None]:
-        """Run a loaded handler on one message. Returns (status, error, traceback, kind);
-        status is ACK, NACK, SETTLED or UNDECODABLE (see sandbox.lua)."""
+    def deliver(self, entry_id: str, body: bytes, value: Any, has_value: bool,
+                attempt: int) -> tuple[int, str | None, str | None]:
+        """Run a loaded handler on one message. Returns (status, error, traceback); status
+        is ACK, NACK, SETTLED or UNDECODABLE (see sandbox.lua). The per-message path:
+        JSON bodies go to Lua as bytes and are decoded there, without the GIL."""
+        deliver = self._deliverers.get(entry_id)
+        if deliver is None:
+            self.ensure_loaded(entry_id)
+            deliver = self._deliverers[entry_id] = self.host.deliverer(entry_id)
         if has_value:
             try:
                 value = to_lua(self.lua, value)
             except TypeError as exc:
-                return UNDECODABLE, f"body cannot be handed to Lua: {exc}", None, None
-        result = self._host_deliver(entry_id, body, value, has_value, msg_id, attempt)
+                return UNDECODABLE, f"body cannot be handed to Lua: {exc}", None
+        result = deliver(body, value, has_value, attempt)
         if type(result) is int:
-            return result, None, None, None
-        padded = tuple(result) + (None, None, None)
-        return padded[0], padded[1], padded[2], padded[3]
+            return result, None, None
+        padded = tuple(result) + (None, None)
+        return padded[0], padded[1], padded[2]
 
     def compile(self, text: str, chunkname: str) -> str | None:
         """Syntax-check Lua text without running it; the error message, or None."""

@@ -1,17 +1,19 @@
 """A consumer and its worker pool (SPEC §3, §6).
 
-`concurrency` worker threads each own one Lua state with the handler loaded. A fetcher
-thread moves deliveries from the driver into a shared buffer of `prefetch` slots; when
-every worker is busy and the buffer is full, the fetcher takes nothing more from the
-driver (backpressure). A worker's loop body is one `run_once()` step.
+`concurrency` worker threads each own one Lua state with the handler loaded. They share a
+buffer of up to `prefetch` deliveries: a worker that finds the buffer empty refills it from
+the driver (one refill at a time, under a lock), so when every worker is busy and the
+buffer is full nothing more is taken from the driver (backpressure). There is no hand-off
+thread: a worker goes from one message to the next without waiting on another thread.
+A worker's loop body is one `run_once()` step.
 """
 
 from __future__ import annotations
 
 import logging
-import queue as pyqueue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -41,7 +43,6 @@ class _Worker:
     sandbox: LuaSandbox | None = None
     thread: threading.Thread | None = None
     current: Delivery | None = None
-    started_at: float = 0.0
     counters: Counters = field(default_factory=Counters)
 
 
@@ -49,17 +50,15 @@ class ConsumerPool:
     """Runs one `queue.consumer` entry."""
 
     def __init__(self, spec: ConsumerSpec, queue: BoundQueue, dead_letter: BoundQueue | None,
-                 make_sandbox: Callable[[], LuaSandbox], on_change: Callable[[], None] = lambda: None):
+                 make_sandbox: Callable[[], LuaSandbox]):
         self.spec = spec
         self.queue = queue
         self.dead_letter = dead_letter
         self.make_sandbox = make_sandbox
-        self.on_change = on_change
         self.workers = [_Worker(i) for i in range(spec.concurrency)]
-        self._buffer: pyqueue.SimpleQueue[Delivery] = pyqueue.SimpleQueue()
-        self._slots = threading.Semaphore(spec.prefetch)
+        self._buffer: deque[Delivery] = deque()
+        self._refill = threading.Lock()
         self._stopping = threading.Event()
-        self._fetcher: threading.Thread | None = None
         self._json_body = isinstance(queue.codec, JsonCodec)
         self.started = False
 
@@ -78,8 +77,6 @@ class ConsumerPool:
             raise failures[0]
         self.queue.consumers += 1
         self.started = True
-        self._fetcher = threading.Thread(target=self._fetch_loop, daemon=True, name=f"{self.spec.id}/fetch")
-        self._fetcher.start()
 
     def _worker_main(self, w: _Worker, ready: threading.Barrier, failures: list[LuaHandlerError]) -> None:
         try:
@@ -92,41 +89,44 @@ class ConsumerPool:
         ready.wait()
         if failures:
             return
-        while not self._stopping.is_set():
+        stopping = self._stopping
+        while not stopping.is_set():
             self.run_once(w)
 
-    # -- fetching ----------------------------------------------------------------------------
-    def _fetch_loop(self) -> None:
-        driver, name = self.queue.driver, self.queue.name
-        while not self._stopping.is_set():
-            if not self._slots.acquire(timeout=POLL):
-                continue
-            free = 1
-            while free < 64 and self._slots.acquire(blocking=False):
-                free += 1
-            try:
-                deliveries = driver.get(name, free, POLL)
-            except Exception:  # noqa: BLE001 - a driver failure must not kill the fetcher silently
-                log.exception("consumer %s: fetching from queue %s failed", self.spec.id, self.queue.spec.id)
-                deliveries = []
-                self._stopping.wait(1.0)
-            for _ in range(free - len(deliveries)):
-                self._slots.release()
-            for d in deliveries:
-                self._buffer.put(d)
+    # -- the buffer --------------------------------------------------------------------------
+    def _take(self, timeout: float) -> Delivery | None:
+        """The next delivery from the shared buffer, refilling it from the driver if empty."""
+        buffer = self._buffer
+        try:
+            return buffer.popleft()
+        except IndexError:
+            pass
+        if not self._refill.acquire(timeout=timeout):
+            return None
+        try:
+            if not buffer and not self._stopping.is_set():
+                try:
+                    buffer.extend(self.queue.driver.get(self.queue.name, self.spec.prefetch, timeout))
+                except Exception:  # noqa: BLE001 - a driver failure must not kill the worker
+                    log.exception("consumer %s: fetching from queue %s failed", self.spec.id, self.queue.spec.id)
+                    self._stopping.wait(1.0)
+        finally:
+            self._refill.release()
+        try:
+            return buffer.popleft()
+        except IndexError:
+            return None
 
     # -- one step of a worker ------------------------------------------------------------------
     def run_once(self, w: _Worker, timeout: float = POLL) -> bool:
-        """Take one delivery from the buffer and process it. False if none came in time."""
-        try:
-            d = self._buffer.get(timeout=timeout)
-        except pyqueue.Empty:
+        """Take one delivery and process it. False if none came in time."""
+        d = self._take(timeout)
+        if d is None:
             return False
-        self._slots.release()
         if self._stopping.is_set():
             self.queue.driver.release(d)
             return False
-        w.current, w.started_at = d, time.monotonic()
+        w.current = d
         try:
             self._process(w, d)
         except Exception as exc:  # noqa: BLE001 - a host bug must not kill the worker or lose the message
@@ -138,31 +138,29 @@ class ConsumerPool:
         finally:
             w.current = None
             w.counters.processed += 1
-            self.on_change()
         return True
 
     def _process(self, w: _Worker, d: Delivery) -> None:
-        assert w.sandbox is not None
+        sandbox = w.sandbox
+        assert sandbox is not None
         msg = d.message
         driver = self.queue.driver
         if self.spec.auto_ack:
             driver.ack(d)
             w.counters.acked += 1
-        bridge = w.sandbox.bridge
+        bridge = sandbox.bridge
         bridge.delivery = d
-        bridge.settler = lambda action: self._settle(w, d, action)
+        bridge.settler = self._settler(w, d)
         try:
             if self._json_body:
-                status, error, tb, kind = w.sandbox.deliver(self.spec.func, msg.body, None, False, msg.id,
-                                                            msg.attempt)
+                status, error, tb = sandbox.deliver(self.spec.func, msg.body, None, False, msg.attempt)
             else:
                 try:
                     value = self.queue.codec.decode(msg.body)
                 except ValueError as exc:
-                    status, error, tb, kind = UNDECODABLE, str(exc), None, None
+                    status, error, tb = UNDECODABLE, str(exc), None
                 else:
-                    status, error, tb, kind = w.sandbox.deliver(self.spec.func, msg.body, value, True, msg.id,
-                                                                msg.attempt)
+                    status, error, tb = sandbox.deliver(self.spec.func, msg.body, value, True, msg.attempt)
         finally:
             bridge.settler = None
             bridge.delivery = None
@@ -179,6 +177,9 @@ class ConsumerPool:
         if self.spec.auto_ack:
             return  # at-most-once: already settled, not redelivered
         self._fail(w, d, error or "handler failed")
+
+    def _settler(self, w: _Worker, d: Delivery) -> Callable[[str], None]:
+        return lambda action: self._settle(w, d, action)
 
     def _settle(self, w: _Worker, d: Delivery, action: str) -> None:
         if action == "ack":
@@ -232,8 +233,6 @@ class ConsumerPool:
         for w in self.workers:  # (2) cancel: time.sleep returns Canceled
             if w.sandbox is not None:
                 w.sandbox.bridge.cancel.set()
-        if self._fetcher is not None:
-            self._fetcher.join(max(0.0, deadline - time.monotonic()) + POLL * 2)
         for w in self.workers:  # (3) wait for in-flight handlers
             if w.thread is not None:
                 w.thread.join(max(0.0, deadline - time.monotonic()))
@@ -249,16 +248,12 @@ class ConsumerPool:
         if self.started:
             self.queue.consumers -= 1
             self.started = False
-        self.on_change()
         return overran
 
     def _return_buffered(self) -> None:
-        pending = []
-        while True:
-            try:
-                pending.append(self._buffer.get_nowait())
-            except pyqueue.Empty:
-                break
+        with self._refill:
+            pending = list(self._buffer)
+            self._buffer.clear()
         for d in reversed(pending):  # released to the head: keep their order
             self.queue.driver.release(d)
 
@@ -273,7 +268,7 @@ class ConsumerPool:
             total.dead_lettered += c.dead_lettered
             total.processed += c.processed
             in_flight += w.current is not None
-        in_flight += self._buffer.qsize()
+        in_flight += len(self._buffer)
         return {"acked": total.acked, "nacked": total.nacked, "dead_lettered": total.dead_lettered,
                 "in_flight": in_flight, "processed": total.processed}
 

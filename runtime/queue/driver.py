@@ -23,8 +23,6 @@ Drivers move encoded bytes and never import the Lua layer.
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,17 +45,9 @@ class Driver:
 
     def __init__(self, entry_id: str):
         self.entry_id = entry_id
-        self._listeners: list[Callable[[], None]] = []
-        self._listeners_lock = threading.Lock()
-
-    # -- change notification (for wait_idle and progress) ----------------------------------
-    def add_listener(self, fn: Callable[[], None]) -> None:
-        with self._listeners_lock:
-            self._listeners.append(fn)
-
-    def changed(self) -> None:
-        for fn in self._listeners:
-            fn()
+        # Grows on every put/ack/requeue/release: lets `App.idle()` see that something moved
+        # between two looks. Increments may race; any race still leaves it changed.
+        self.version = 0
 
     # -- primitives -------------------------------------------------------------------------
     def declare(self, name: str, options: dict[str, Any]) -> None:

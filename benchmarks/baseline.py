@@ -1,0 +1,42 @@
+"""The raw baseline (scenario 6): Python queue.Queue + worker threads, each with its own
+lupa LuaJIT runtime, doing JSON string -> json.loads -> table_from -> the same Lua function.
+No runtime code at all: the floor we compare ourselves with."""
+
+from __future__ import annotations
+
+import json
+import queue
+import threading
+import time
+
+import lupa.luajit21 as lupa
+
+
+def raw_rate(handler_src: str, bodies: list[bytes], threads: int) -> float:
+    """Messages per second for consuming every body once with `threads` workers."""
+    q: queue.Queue[bytes | None] = queue.Queue()
+    for b in bodies:
+        q.put(b)
+    for _ in range(threads):
+        q.put(None)
+    ready = threading.Barrier(threads + 1)
+
+    def worker() -> None:
+        lua = lupa.LuaRuntime()
+        fn = lua.execute(handler_src)
+        table_from = lua.table_from
+        ready.wait()
+        while True:
+            item = q.get()
+            if item is None:
+                return
+            fn(table_from(json.loads(item), recursive=True))
+
+    workers = [threading.Thread(target=worker) for _ in range(threads)]
+    for w in workers:
+        w.start()
+    ready.wait()
+    t0 = time.perf_counter()
+    for w in workers:
+        w.join()
+    return len(bodies) / (time.perf_counter() - t0)

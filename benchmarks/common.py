@@ -1,0 +1,77 @@
+"""Shared pieces of the benchmarks: apps written to temp folders, RSS, timing helpers."""
+
+from __future__ import annotations
+
+import json
+import resource
+import tempfile
+import textwrap
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+PAYLOAD = {"numbers": list(range(1, 11)), "text": "hello"}
+
+NOOP_HANDLER = "return function(body) local id = body.id end"
+# ~200 µs of LuaJIT arithmetic per message on this machine kind (calibrated by `calibrate`).
+COMPUTE_HANDLER = """
+local rounds = {rounds}
+return function(body)
+  local s = 0
+  local numbers = body.numbers
+  for r = 1, rounds do
+    for j = 1, #numbers do s = s + (body.id + r) * numbers[j] % 7 end
+  end
+  return s >= 0
+end
+"""
+
+
+def payload(i: int) -> dict:
+    return {"id": i, **PAYLOAD}
+
+
+def rss_mib() -> float:
+    """Current resident set size of this process, MiB."""
+    with open("/proc/self/statm") as f:
+        pages = int(f.read().split()[1])
+    return pages * resource.getpagesize() / (1024 * 1024)
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def write_app(handler: str, *, concurrency: int = 1, prefetch: int = 10, stages: int = 1,
+              max_length: int = 1_000_000, auto_start_consumers: bool = True) -> Path:
+    """A benchmark app: queues q1..qN (q_i's handler republishes to q_{i+1}), `handler` last."""
+    root = Path(tempfile.mkdtemp(prefix="rt-bench-"))
+    entries = ["  - {name: mem, kind: queue.driver.memory, lifecycle: {auto_start: true}}"]
+    for s in range(1, stages + 1):
+        entries.append(f"  - {{name: q{s}, kind: queue.queue, driver: mem, "
+                       f"driver_options: {{memory: {{max_length: {max_length}}}}}}}")
+        if s < stages:
+            src = f'local queue = require("queue") return function(b) return queue.publish("q{s + 1}", b) end'
+            mods = "[queue]"
+        else:
+            src, mods = handler, "[queue, time]"
+        (root / f"h{s}.lua").write_text(src)
+        entries.append(f"  - {{name: h{s}, kind: function.lua, source: 'file://h{s}.lua', modules: {mods}}}")
+        entries.append(f"  - {{name: c{s}, kind: queue.consumer, queue: q{s}, func: h{s}, concurrency: {concurrency}, "
+                       f"prefetch: {prefetch}, lifecycle: {{auto_start: {str(auto_start_consumers).lower()}}}}}")
+    (root / "app.yaml").write_text("namespace: b\nentries:\n" + "\n".join(entries) + "\n")
+    return root
+
+
+def timed(fn: Callable[[], object]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def dedent(s: str) -> str:
+    return textwrap.dedent(s).strip() + "\n"
+
+
+def dump(path: Path, data: object) -> None:
+    path.write_text(json.dumps(data, indent=2))
