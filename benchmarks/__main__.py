@@ -81,7 +81,8 @@ def print_table(results: dict[str, Any]) -> None:
     s = results["scenarios"]
     print(f"messages per run: {results['n']:,}; compute handler: {results['compute_rounds']} rounds (~200 µs)\n")
     print("Scenario 1: no-op handler (memory driver)")
-    print(f"  {'config':10} {'publish/s':>10} {'consume/s':>10} {'e2e/s':>10} {'peak RSS MiB':>13} {'consume / raw':>14}")
+    print(f"  {'config':10} {'publish/s':>10} {'consume/s':>10} {'e2e/s':>10} {'peak RSS MiB':>13} "
+          f"{'consume / raw':>14}")
     for key, r in s["noop"].items():
         c = int(key.split("-")[0][1:])
         raw = s["baseline_noop"][c]["consume_per_s"]
@@ -92,7 +93,8 @@ def print_table(results: dict[str, Any]) -> None:
     print("\nScenario 2: compute handler")
     for key, r in s["compute"].items():
         raw = s["baseline_compute"][int(key[1:])]["consume_per_s"]
-        print(f"  {key:10} consume {r['consume_per_s']:>8,.0f}/s   raw {raw:>8,.0f}/s   ratio {r['consume_per_s'] / raw:.2f}")
+        ratio = r["consume_per_s"] / raw
+        print(f"  {key:10} consume {r['consume_per_s']:>8,.0f}/s   raw {raw:>8,.0f}/s   ratio {ratio:.2f}")
     print(f"  scaling c2/c1: {s['compute']['c2']['consume_per_s'] / s['compute']['c1']['consume_per_s']:.2f}")
     print(f"\nScenario 3: 2-stage pipeline (republish from Lua), concurrency 2: "
           f"{s['pipeline']['end_to_end_per_s']:,.0f} msg/s end to end")
