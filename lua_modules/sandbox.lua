@@ -6,16 +6,22 @@
 --   host.call(id, ...) -> true, n, exported | false, msg, tb, kind
 --   host.export(...) -> n, exported   (values made safe for Python: see export below)
 --   host.compile(text, chunkname) -> true | nil, msg   (syntax check, never runs code)
---   host.deliverer(id) -> deliver(body, value, has_value, attempt) -> status, msg, tb
+--   host.deliverer(id) -> deliver(body, value, has_value, attempt, timeout) -> status, msg, tb, kind
 --       (hands one message to the entry's handler; see DELIVERY below)
+-- Time limits (see LIMITS below): `timeout` seconds of wall clock per call, enforced by a
+-- count hook that keeps raising a Timeout error once the deadline has passed. The host
+-- turns the JIT off in states that run limited code (hooks do not fire in compiled traces).
+-- Runs on LuaJIT 2.1 and on Lua 5.4 (used for entries with a memory limit).
 --   host.state                       (shared per-state data, e.g. the current message)
 -- The sandbox is built by absence: a fresh environment table per entry holding only what
 -- SPEC §4 lists. Sandboxed code never sees the real globals, this table, or the bridge.
 local bridge, mods = ...
 local errors, json = mods.errors, mods.json
 local type, pairs, next, tostring, select, error = type, pairs, next, tostring, select, error
-local load, xpcall, setmetatable, rawget = load, xpcall, setmetatable, rawget
-local traceback, getinfo = debug.traceback, debug.getinfo
+local load, xpcall, pcall, setmetatable, rawget = load, xpcall, pcall, setmetatable, rawget
+local unpack = table.unpack or unpack
+local traceback, getinfo, sethook = debug.traceback, debug.getinfo, debug.sethook
+local co_create, co_resume, co_status = coroutine.create, coroutine.resume, coroutine.status
 local format, sub, find, byte = string.format, string.sub, string.find, string.byte
 
 -- Lock the shared pieces every state has before any user code runs.
@@ -31,6 +37,86 @@ local COPIED = { string = string, table = table, math = math, coroutine = corout
 local OS_ALLOWED = { "time", "date", "clock", "difftime" }
 local real = {}
 for _, name in ipairs(BASE) do real[name] = _G[name] end
+real.unpack = unpack
+
+---------------------------------------------------------------------------------------------
+-- LIMITS. One deadline per state (a state runs one call at a time). The hook is installed
+-- on the main thread for the call and on every coroutine the sandbox creates meanwhile.
+local HOOK_COUNT = 1000
+local state = mods.state
+local clock = mods.clock
+local deadline, limit, timed_out_at = nil, nil, nil
+
+local function timeout_error()
+    local where = timed_out_at and (" at " .. timed_out_at) or ""
+    return errors.new({ message = "exceeded its time limit of " .. limit .. "s" .. where, kind = "Timeout" })
+end
+
+local function hook()
+    if deadline ~= nil and clock() > deadline then
+        if timed_out_at == nil then
+            local info = getinfo(2, "Sl")
+            timed_out_at = info and (info.short_src .. ":" .. tostring(info.currentline)) or "?"
+        end
+        error(timeout_error(), 0)
+    end
+end
+
+local function arm(timeout)
+    if timeout == nil then return end
+    limit, timed_out_at = timeout, nil
+    deadline = clock() + timeout
+    state.deadline = deadline
+    sethook(hook, "", HOOK_COUNT)
+end
+
+-- Returns the Timeout error if the call ran past its deadline.
+local function disarm()
+    if deadline == nil then return nil end
+    sethook()
+    local over = clock() > deadline
+    deadline, state.deadline = nil, nil
+    if over then return timeout_error() end
+    return nil
+end
+
+state.timeout_error = function() timed_out_at = timed_out_at or "time.sleep" return timeout_error() end
+
+-- Coroutines get the hook too, so a coroutine cannot outrun the limit.
+local function sandbox_create(f)
+    local co = co_create(f)
+    if deadline ~= nil then sethook(co, hook, "", HOOK_COUNT) end
+    return co
+end
+
+local function pack(...) return { n = select("#", ...), ... } end
+
+local function sandbox_wrap(f)
+    local co = sandbox_create(f)
+    return function(...)
+        local r = pack(co_resume(co, ...))
+        if not r[1] then error(r[2], 0) end
+        return unpack(r, 2, r.n)
+    end
+end
+
+-- xpcall's message handler runs where hooks do not fire: run it after unwinding instead.
+local function sandbox_xpcall(f, handler, ...)
+    local r = pack(pcall(f, ...))
+    if r[1] then return unpack(r, 1, r.n) end
+    return false, handler(r[2])
+end
+
+-- Lua 5.4 runs __gc finalizers where hooks do not fire: refuse them.
+local real_setmetatable = setmetatable
+local function sandbox_setmetatable(t, mt)
+    if type(mt) == "table" and rawget(mt, "__gc") ~= nil then
+        error("__gc metamethods are not allowed", 2)
+    end
+    return real_setmetatable(t, mt)
+end
+real.setmetatable = sandbox_setmetatable
+real.xpcall = sandbox_xpcall
 
 local function shallow_copy(t)
     local out = {}
@@ -38,7 +124,6 @@ local function shallow_copy(t)
     return out
 end
 
-local state = mods.state
 local host = { state = state }
 local loaded = {}        -- entry id -> { value = chunk result, fn = entry point }
 
@@ -53,6 +138,7 @@ local function new_env(entry_id, modules, imports)
     local env = {}
     for name, fn in pairs(real) do env[name] = fn end
     for name, t in pairs(COPIED) do env[name] = shallow_copy(t) end
+    env.coroutine.create, env.coroutine.wrap = sandbox_create, sandbox_wrap
     local os_copy = {}
     for _, name in ipairs(OS_ALLOWED) do os_copy[name] = os[name] end
     env.os = os_copy
@@ -225,13 +311,28 @@ local function finish_call(ok, ...)
         return true, n, out
     end
     local info = ...
+    if type(info) ~= "table" then -- a memory error skips the message handler
+        return false, safe_tostring(info), "", info == "not enough memory" and "Memory" or nil
+    end
     return false, info.msg, info.tb, error_kind(info)
 end
 
-function host.call(id, ...)
+local function finish_limited_call(ok, ...)
+    local over = disarm()
+    if over ~= nil then
+        local info = ...
+        local tb = (not ok and type(info) == "table") and info.tb or ""
+        return false, tostring(over), tb, "Timeout"
+    end
+    return finish_call(ok, ...)
+end
+
+function host.call(id, timeout, ...)
     local entry = loaded[id]
     if entry == nil or entry.fn == nil then return false, "entry '" .. id .. "' is not loaded", "" end
-    return finish_call(xpcall(entry.fn, on_error, ...))
+    if timeout == nil then return finish_call(xpcall(entry.fn, on_error, ...)) end
+    arm(timeout)
+    return finish_limited_call(xpcall(entry.fn, on_error, ...))
 end
 
 ---------------------------------------------------------------------------------------------
@@ -245,7 +346,7 @@ function host.deliverer(id)
     local entry = loaded[id]
     if entry == nil or entry.fn == nil then return nil end
     local fn = entry.fn
-    return function(body, value, has_value, attempt)
+    return function(body, value, has_value, attempt, timeout)
         if not has_value then
             local err
             value, err = json_decode(body)
@@ -253,14 +354,18 @@ function host.deliverer(id)
         end
         local cur = { attempt = attempt, body = body, value = value }
         state.current = cur
+        arm(timeout)
         local ok, r1, r2 = xpcall(fn, on_error, value)
+        local over = disarm()
         state.current = nil
         cur.released = true
+        if type(r1) == "string" and not ok then r1 = { msg = r1, tb = "" } end -- memory errors skip on_error
+        if over ~= nil then return NACK, tostring(over), not ok and r1.tb or "", "Timeout" end
         if cur.settled then
             if not ok then return SETTLED, r1.msg, r1.tb end
             return SETTLED
         end
-        if not ok then return NACK, r1.msg, r1.tb end
+        if not ok then return NACK, r1.msg, r1.tb, r1.msg == "not enough memory" and "Memory" or nil end
         if r2 ~= nil then return NACK, safe_tostring(r2), "" end
         if r1 == false then return NACK, "handler returned false", "" end
         return ACK

@@ -1,8 +1,10 @@
 -- time.lua: the `time` module (SPEC §5): time.sleep(d) and time.now().
--- Contract: run once per Lua state by the host with (bridge, errors); returns
+-- Contract: run once per Lua state by the host with (bridge, errors, state); returns
 -- `new() -> module`. sleep takes seconds (a number) or a duration string ("250ms",
 -- "1m30s"); it returns true, or nil and an error (Canceled when the worker is stopping).
-local bridge, errors = ...
+-- Under a time limit (state.deadline), a sleep past the deadline is cut short and raises
+-- the Timeout error.
+local bridge, errors, state = ...
 local type, tonumber, pcall, find, sub = type, tonumber, pcall, string.find, string.sub
 local UNITS = { ns = 1e-9, us = 1e-6, ["µs"] = 1e-6, ms = 1e-3, s = 1, m = 60, h = 3600 }
 
@@ -41,7 +43,13 @@ local function new()
         if seconds ~= seconds or seconds < 0 then
             return host_error("Invalid", "time.sleep: the duration must be a non-negative number")
         end
+        local deadline, cut = state.deadline, false
+        if deadline ~= nil then
+            local remaining = deadline - state.clock()
+            if seconds >= remaining then seconds, cut = math.max(remaining, 0), true end
+        end
         local ok, res, kind, msg = pcall(bridge.sleep, seconds)
+        if cut and res then error(state.timeout_error(), 2) end
         if not ok then return host_error("Internal", "time.sleep failed") end
         if res then return true end
         return host_error(kind, msg)

@@ -7,14 +7,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError, Problem, ShutdownTimeout
+from .errors import ConfigError, LuaHandlerError, Problem, ShutdownTimeout
 from .lifecycle.services import ConsumerService, ProcessService
 from .lifecycle.supervisor import Supervisor
 from .lua.sandbox import LuaSandbox
 from .lua.syntax import check_lua_sources
 from .queue.driver import Driver
 from .queue.router import QueueRouter
-from .registry import Registry, display_path, load_registry
+from .registry import FunctionSpec, Registry, display_path, load_registry
+from .registry.kinds import SecurityContext
 
 
 class App:
@@ -45,26 +46,44 @@ class App:
         return cls(registry, strict_security=strict_security)
 
     # -- Lua -------------------------------------------------------------------------------
-    def new_sandbox(self) -> LuaSandbox:
-        """A fresh Lua state wired to this app's queues (one per worker thread)."""
-        sandbox = LuaSandbox(self.registry, self.router)
+    def new_sandbox(self, *, limited: bool = False, memory_limit: int | None = None,
+                    security: SecurityContext | None = None) -> LuaSandbox:
+        """A fresh Lua state wired to this app's queues (one per worker thread); see
+        LuaSandbox for `limited` (time limits) and `memory_limit`."""
+        sandbox = LuaSandbox(self.registry, self.router, limited=limited, memory_limit=memory_limit,
+                             security=security)
         with self._lock:
             self._sandboxes.append(sandbox)
         return sandbox
 
-    def _sandbox(self) -> LuaSandbox:
-        sandbox: LuaSandbox | None = getattr(self._local, "sandbox", None)
+    def _sandbox(self, limited: bool, memory_limit: int | None) -> LuaSandbox:
+        """This thread's Lua state for `App.call`, one per kind of limit."""
+        cache: dict[tuple[bool, int | None], LuaSandbox] | None = getattr(self._local, "sandboxes", None)
+        if cache is None:
+            cache = self._local.sandboxes = {}
+        key = (limited, memory_limit)
+        sandbox = cache.get(key)
         if sandbox is None:
-            sandbox = self._local.sandbox = self.new_sandbox()
+            sandbox = cache[key] = self.new_sandbox(limited=limited, memory_limit=memory_limit)
         return sandbox
 
     def call(self, func_id: str, *args: Any) -> Any:
         """Run a `function.lua` entry in this thread's Lua state and return its results.
 
         One result is returned as is, several as a tuple, none as None; tables become
-        dicts/lists and error values :class:`runtime.LuaErrorValue`. A Lua error raises
-        LuaHandlerError with the Lua traceback. The app need not be started."""
-        return self._sandbox().call(func_id, *args)
+        dicts/lists and error values :class:`runtime.LuaErrorValue`. A Lua error, or a call
+        over the function's `timeout` or `memory_limit`, raises LuaHandlerError with the Lua
+        traceback. The app need not be started."""
+        spec = self.registry.get(func_id, FunctionSpec)
+        timeout = spec.timeout if spec else None
+        memory_limit = spec.memory_limit if spec else None
+        sandbox = self._sandbox(timeout is not None, memory_limit)
+        try:
+            return sandbox.call(func_id, *args, timeout=timeout)
+        except LuaHandlerError as exc:
+            if memory_limit is not None and "not enough memory" in str(exc):
+                self._local.sandboxes.pop((timeout is not None, memory_limit), None)  # a full state is discarded
+            raise
 
     # -- lifecycle -------------------------------------------------------------------------
     @property

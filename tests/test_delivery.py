@@ -247,7 +247,12 @@ def test_nack_requeues_at_the_tail(tmp_path: Path, start: Callable[[App], App]) 
         return function(body)
             local msg = queue.message()
             report({ n = body.n, attempt = msg:attempt() })
-            if body.n == 1 and msg:attempt() == 1 then return false end
+            if body.n == 1 and msg:attempt() == 1 then
+                -- wait (bounded) until 2 and 3 are queued behind us, so "the tail" is after them
+                local deadline = time.now() + 10
+                while queue.info("jobs").ready < 2 and time.now() < deadline do time.sleep(0.001) end
+                return false
+            end
         end
     """, consumer={"prefetch": 1}))
     for n in (1, 2, 3):

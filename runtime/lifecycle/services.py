@@ -13,7 +13,7 @@ from ..lua.sandbox import LuaSandbox
 from ..queue.consumer import ConsumerPool
 from ..queue.driver import Driver
 from ..queue.router import QueueRouter
-from ..registry import ConsumerSpec, EntrySpec, QueueSpec, ServiceSpec
+from ..registry import ConsumerSpec, EntrySpec, FunctionSpec, QueueSpec, ServiceSpec
 
 log = logging.getLogger("runtime.lifecycle")
 
@@ -70,7 +70,7 @@ class DriverService(Service):
 class ConsumerService(Service):
     spec: ConsumerSpec
 
-    def __init__(self, spec: ConsumerSpec, router: QueueRouter, make_sandbox: Callable[[], LuaSandbox]):
+    def __init__(self, spec: ConsumerSpec, router: QueueRouter, make_sandbox: Callable[..., LuaSandbox]):
         super().__init__(spec)
         self.router = router
         self.make_sandbox = make_sandbox
@@ -83,7 +83,15 @@ class ConsumerService(Service):
         if dl is not None and dead_letter is None:
             log.warning("consumer %s: dead-letter queue %s is not running; failed messages are requeued instead",
                         self.id, dl.queue)
-        self.pool = ConsumerPool(self.spec, queue, dead_letter, self.make_sandbox)
+        func = self.router.registry.get(self.spec.func, FunctionSpec)
+        timeout = self.spec.timeout if self.spec.timeout is not None else (func.timeout if func else None)
+        memory = self.spec.memory_limit if self.spec.memory_limit is not None else (func.memory_limit if func else None)
+        security = self.spec.lifecycle.security
+
+        def make_sandbox() -> LuaSandbox:
+            return self.make_sandbox(limited=timeout is not None, memory_limit=memory, security=security)
+
+        self.pool = ConsumerPool(self.spec, queue, dead_letter, make_sandbox, timeout)
         self.pool.start()
 
     def stop(self, timeout: float) -> list[str]:
@@ -105,7 +113,7 @@ class ProcessService(Service):
 
     spec: ServiceSpec
 
-    def __init__(self, spec: ServiceSpec, make_sandbox: Callable[[], LuaSandbox]):
+    def __init__(self, spec: ServiceSpec, make_sandbox: Callable[..., LuaSandbox]):
         super().__init__(spec)
         self.make_sandbox = make_sandbox
         self.thread: threading.Thread | None = None
@@ -116,10 +124,13 @@ class ProcessService(Service):
         self.result: object = None
 
     def start(self) -> None:
-        self.sandbox = self.make_sandbox()
+        self.sandbox = self._new_sandbox()
         self.sandbox.ensure_loaded(self.spec.process)  # a bad chunk refuses the start
         self.thread = threading.Thread(target=self._run, daemon=True, name=self.id)
         self.thread.start()
+
+    def _new_sandbox(self) -> LuaSandbox:
+        return self.make_sandbox(security=self.spec.lifecycle.security)
 
     def _run(self) -> None:
         policy = self.spec.lifecycle.restart
@@ -148,7 +159,7 @@ class ProcessService(Service):
                     if self.stopping.wait(delay):
                         return
                     delay = min(delay * 2 or policy.initial_delay, policy.max_delay)
-                    self.sandbox = self.make_sandbox()
+                    self.sandbox = self._new_sandbox()
         finally:
             self.finished.set()
 

@@ -17,7 +17,7 @@ log = logging.getLogger("runtime.lifecycle")
 
 
 class Supervisor:
-    def __init__(self, registry: Registry, router: QueueRouter, make_sandbox: Callable[[], LuaSandbox],
+    def __init__(self, registry: Registry, router: QueueRouter, make_sandbox: Callable[..., LuaSandbox],
                  drivers: dict[str, Driver]):
         self.registry = registry
         self.drivers = drivers

@@ -47,8 +47,9 @@ def safe(fn: Callable[..., Any]) -> Callable[..., Any]:
 class Bridge:
     """Host functions for one Lua state. `cancel` interrupts time.sleep on stop."""
 
-    def __init__(self, queues: QueuePort):
+    def __init__(self, queues: QueuePort, security: Any = None):
         self.queues = queues
+        self.security = security  # the SecurityContext of the entry running in this state
         self.cancel = threading.Event()
         # Set by the worker around a handler call: settles the current delivery ("ack"/"nack").
         self.settler: Callable[[str], None] | None = None
@@ -57,7 +58,7 @@ class Bridge:
     def functions(self) -> dict[str, Callable[..., Any]]:
         return {name: safe(getattr(self, name))
                 for name in ("log", "log_enabled", "publish", "queue_info", "sleep", "now", "settle",
-                                             "message_headers", "message_id")}
+                                             "message_headers", "message_id", "monotonic")}
 
     # logger -----------------------------------------------------------------------------
     @staticmethod
@@ -112,3 +113,7 @@ class Bridge:
     @staticmethod
     def now() -> float:
         return time.time()
+
+    @staticmethod
+    def monotonic() -> float:
+        return time.monotonic()

@@ -12,7 +12,6 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from .engine import lua_type
 
 
 @dataclass(frozen=True)
@@ -75,8 +74,8 @@ def from_lua(value: Any) -> Any:
 
     Marker keys ("\0bytes", "\0error", "\0object") can only come from the export: a
     user key starting with "\0" arrives with one more "\0", removed here."""
-    if lua_type(value) != "table":
-        return value
+    if value is None or isinstance(value, (str, int, float, bytes)):
+        return value  # anything else `export` hands over is a table
     items = dict(value.items())
     if len(items) == 1:
         (key, inner), = items.items()

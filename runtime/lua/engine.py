@@ -24,14 +24,23 @@ def _deny_attribute(obj: object, name: str, is_setting: bool) -> NoReturn:
     raise AttributeError("access to Python attributes is not allowed from Lua")
 
 
-def new_lua_runtime() -> Any:
-    """A LuaRuntime without lupa's Python helpers (no eval, no builtins, no attributes)."""
-    return _lupa.LuaRuntime(
+def new_lua_runtime(metered: bool = False) -> Any:
+    """A LuaRuntime without lupa's Python helpers (no eval, no builtins, no attributes).
+
+    `metered`: a Lua 5.4 state whose allocator can be capped with `set_max_memory` (LuaJIT's
+    cannot be capped reliably on 64-bit), for entries with a memory limit."""
+    module = _lua54() if metered else _lupa
+    return module.LuaRuntime(
         register_eval=False,
         register_builtins=False,
         attribute_filter=_deny_attribute,
         unpack_returned_tuples=True,
+        **({"max_memory": 0} if metered else {}),
     )
+
+
+def _lua54() -> Any:
+    return importlib.import_module("lupa.lua54")
 
 
 def lua_type(value: Any) -> str | None:

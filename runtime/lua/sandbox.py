@@ -40,29 +40,41 @@ def clean_traceback(tb: str) -> str:
 class LuaSandbox:
     """A Lua state with the runtime's modules loaded and a sandbox per entry."""
 
-    def __init__(self, registry: Registry, queues: QueuePort):
+    def __init__(self, registry: Registry, queues: QueuePort, *, limited: bool = False,
+                 memory_limit: int | None = None, security: Any = None):
+        """`limited`: the state runs code under a time limit, so the JIT is off (count hooks
+        do not fire in compiled traces). `memory_limit`: a Lua 5.4 state whose allocator
+        refuses to grow past that many bytes (on top of what the runtime's modules use).
+        `security`: the SecurityContext Lua publishes are checked against."""
         self.registry = registry
-        self.bridge = Bridge(queues)
-        self.lua = new_lua_runtime()
+        self.bridge = Bridge(queues, security)
+        self.memory_limit = memory_limit
+        self.lua = new_lua_runtime(metered=memory_limit is not None)
         g = self.lua.globals()
+        if limited and g.jit is not None:
+            g.jit.off()
         bridge = self.lua.table_from(self.bridge.functions())
         state = self.lua.table()
 
         def run(name: str, *args: Any) -> Any:
-            fn, err, _ = self._unpack3(g.loadstring(lua_module_source(name), f"@lua_modules/{name}.lua"))
+            fn, err, _ = self._unpack3(g.load(lua_module_source(name), f"@lua_modules/{name}.lua", "t"))
             if fn is None:
                 raise RuntimeError(f"lua_modules/{name}.lua does not compile: {err}")
             return fn(*args)
 
         errors = run("errors")
         json = run("json", errors)
+        clock = run("clock", bridge)
+        state.clock = clock
         mods = self.lua.table_from({
-            "errors": errors, "json": json, "state": state,
+            "errors": errors, "json": json, "state": state, "clock": clock,
             "logger": run("logger", bridge, json, errors),
-            "time": run("time", bridge, errors),
+            "time": run("time", bridge, errors, state),
             "queue": run("queue", bridge, json, errors, state),
         })
         self.host = run("sandbox", bridge, mods)
+        if memory_limit is not None:
+            self.lua.set_max_memory(memory_limit)
         self.json = json
         self._host_load = self.host.load
         self._host_call = self.host.call
@@ -98,16 +110,17 @@ class LuaSandbox:
         return result, None, None
 
     # -- calling ---------------------------------------------------------------------------
-    def call(self, entry_id: str, *args: Any) -> Any:
+    def call(self, entry_id: str, *args: Any, timeout: float | None = None) -> Any:
         """Call a function entry with Python arguments; return its results as Python.
 
-        One result is returned as is, several as a tuple, none as None."""
+        One result is returned as is, several as a tuple, none as None. Past `timeout`
+        seconds (or the memory limit) the call fails with LuaHandlerError."""
         self.ensure_loaded(entry_id)
         try:
             lua_args = [to_lua(self.lua, a) for a in args]
         except TypeError as exc:
             raise LuaHandlerError(f"cannot pass arguments to {entry_id}: {exc}", entry_id=entry_id) from None
-        result = self._host_call(entry_id, *lua_args)
+        result = self._host_call(entry_id, timeout, *lua_args)
         if not result[0]:
             _, msg, tb, *_ = tuple(result) + (None, None)
             raise LuaHandlerError(str(msg), clean_traceback(tb or ""), entry_id=entry_id)
@@ -119,11 +132,12 @@ class LuaSandbox:
             return out[0]
         return tuple(out)
 
-    def deliver(self, entry_id: str, body: bytes, value: Any, has_value: bool,
-                attempt: int) -> tuple[int, str | None, str | None]:
-        """Run a loaded handler on one message. Returns (status, error, traceback); status
-        is ACK, NACK, SETTLED or UNDECODABLE (see sandbox.lua). The per-message path:
-        JSON bodies go to Lua as bytes and are decoded there, without the GIL."""
+    def deliver(self, entry_id: str, body: bytes, value: Any, has_value: bool, attempt: int,
+                timeout: float | None = None) -> tuple[int, str | None, str | None, str | None]:
+        """Run a loaded handler on one message. Returns (status, error, traceback, kind);
+        status is ACK, NACK, SETTLED or UNDECODABLE (see sandbox.lua); kind is "Timeout" or
+        "Memory" for a call over a limit. The per-message path: JSON bodies go to Lua as
+        bytes and are decoded there, without the GIL."""
         deliver = self._deliverers.get(entry_id)
         if deliver is None:
             self.ensure_loaded(entry_id)
@@ -132,12 +146,12 @@ class LuaSandbox:
             try:
                 value = to_lua(self.lua, value)
             except TypeError as exc:
-                return UNDECODABLE, f"body cannot be handed to Lua: {exc}", None
-        result = deliver(body, value, has_value, attempt)
+                return UNDECODABLE, f"body cannot be handed to Lua: {exc}", None, None
+        result = deliver(body, value, has_value, attempt, timeout)
         if type(result) is int:
-            return result, None, None
-        padded = tuple(result) + (None, None)
-        return padded[0], padded[1], padded[2]
+            return result, None, None, None
+        padded = tuple(result) + (None, None, None)
+        return padded[0], padded[1], padded[2], padded[3]
 
     def compile(self, text: str, chunkname: str) -> str | None:
         """Syntax-check Lua text without running it; the error message, or None."""

@@ -50,8 +50,11 @@ class ConsumerPool:
     """Runs one `queue.consumer` entry."""
 
     def __init__(self, spec: ConsumerSpec, queue: BoundQueue, dead_letter: BoundQueue | None,
-                 make_sandbox: Callable[[], LuaSandbox]):
+                 make_sandbox: Callable[[], LuaSandbox], timeout: float | None = None):
+        """`make_sandbox` makes one worker's Lua state (with the consumer's memory limit and
+        security context); `timeout` is the per-call time limit (consumer's, else function's)."""
         self.spec = spec
+        self.timeout = timeout
         self.queue = queue
         self.dead_letter = dead_letter
         self.make_sandbox = make_sandbox
@@ -153,14 +156,16 @@ class ConsumerPool:
         bridge.settler = self._settler(w, d)
         try:
             if self._json_body:
-                status, error, tb = sandbox.deliver(self.spec.func, msg.body, None, False, msg.attempt)
+                status, error, tb, kind = sandbox.deliver(self.spec.func, msg.body, None, False, msg.attempt,
+                                                          self.timeout)
             else:
                 try:
                     value = self.queue.codec.decode(msg.body)
                 except ValueError as exc:
-                    status, error, tb = UNDECODABLE, str(exc), None
+                    status, error, tb, kind = UNDECODABLE, str(exc), None, None
                 else:
-                    status, error, tb = sandbox.deliver(self.spec.func, msg.body, value, True, msg.attempt)
+                    status, error, tb, kind = sandbox.deliver(self.spec.func, msg.body, value, True, msg.attempt,
+                                                              self.timeout)
         finally:
             bridge.settler = None
             bridge.delivery = None
@@ -173,10 +178,21 @@ class ConsumerPool:
                 self._log_failure(msg, error, tb, "after settling its message")
             return
         what = "could not decode the message body" if status == UNDECODABLE else None
+        if kind == "Memory":
+            what = f"ran out of memory (memory_limit {sandbox.memory_limit} bytes)"
+            self._replace_sandbox(w)
         self._log_failure(msg, error or "handler failed", tb, what)
         if self.spec.auto_ack:
             return  # at-most-once: already settled, not redelivered
         self._fail(w, d, error or "handler failed")
+
+    def _replace_sandbox(self, w: _Worker) -> None:
+        """After a memory error the state may stay full: the worker starts a fresh one."""
+        old = w.sandbox
+        w.sandbox = self.make_sandbox()
+        w.sandbox.ensure_loaded(self.spec.func)
+        if old is not None:
+            old.close()
 
     def _settler(self, w: _Worker, d: Delivery) -> Callable[[str], None]:
         return lambda action: self._settle(w, d, action)
