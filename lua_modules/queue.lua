@@ -89,7 +89,9 @@ new_message = function(cur)
         if cur.headers == nil then
             local text, herr = call_host(bridge.message_headers)
             if text == nil then return nil, herr end
-            cur.headers = json.decode(text)
+            local decoded, derr = json.decode(text)
+            if type(decoded) ~= "table" then return nil, derr or fail("Internal", "unreadable headers") end
+            cur.headers = decoded
         end
         local copy = {}
         for k, v in pairs(cur.headers) do copy[k] = v end

@@ -80,6 +80,8 @@ local function disarm()
     return nil
 end
 
+local function past_deadline() return deadline ~= nil and clock() > deadline end
+
 state.timeout_error = function() timed_out_at = timed_out_at or "time.sleep" return timeout_error() end
 
 -- Coroutines get the hook too, so a coroutine cannot outrun the limit.
@@ -95,16 +97,32 @@ local function sandbox_wrap(f)
     local co = sandbox_create(f)
     return function(...)
         local r = pack(co_resume(co, ...))
+        if not r[1] and past_deadline() then error(timeout_error(), 0) end
         if not r[1] then error(r[2], 0) end
         return unpack(r, 2, r.n)
     end
 end
 
--- xpcall's message handler runs where hooks do not fire: run it after unwinding instead.
-local function sandbox_xpcall(f, handler, ...)
+-- Under a time limit pcall cannot swallow the Timeout: once the deadline has passed, a
+-- failed protected call raises it again outside the pcall.
+
+local function limited_pcall(f, ...)
     local r = pack(pcall(f, ...))
+    if not r[1] and past_deadline() then error(timeout_error(), 0) end
+    return unpack(r, 1, r.n)
+end
+
+-- xpcall's message handler runs where hooks do not fire: run it after unwinding instead.
+local function limited_xpcall(f, handler, ...)
+    local r = pack(limited_pcall(f, ...))
     if r[1] then return unpack(r, 1, r.n) end
     return false, handler(r[2])
+end
+
+local function limited_resume(co, ...)
+    local r = pack(co_resume(co, ...))
+    if not r[1] and past_deadline() then error(timeout_error(), 0) end
+    return unpack(r, 1, r.n)
 end
 
 -- Lua 5.4 runs __gc finalizers where hooks do not fire: refuse them.
@@ -116,7 +134,9 @@ local function sandbox_setmetatable(t, mt)
     return real_setmetatable(t, mt)
 end
 real.setmetatable = sandbox_setmetatable
-real.xpcall = sandbox_xpcall
+if mods.limited then
+    real.pcall, real.xpcall = limited_pcall, limited_xpcall
+end
 
 local function shallow_copy(t)
     local out = {}
@@ -138,7 +158,10 @@ local function new_env(entry_id, modules, imports)
     local env = {}
     for name, fn in pairs(real) do env[name] = fn end
     for name, t in pairs(COPIED) do env[name] = shallow_copy(t) end
-    env.coroutine.create, env.coroutine.wrap = sandbox_create, sandbox_wrap
+    if mods.limited then
+        env.coroutine.create, env.coroutine.wrap = sandbox_create, sandbox_wrap
+        env.coroutine.resume = limited_resume
+    end
     local os_copy = {}
     for _, name in ipairs(OS_ALLOWED) do os_copy[name] = os[name] end
     env.os = os_copy

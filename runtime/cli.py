@@ -133,7 +133,9 @@ def _read_publishes(items: list[str], parser: argparse.ArgumentParser) -> list[t
         if value.startswith("@"):
             path = Path(value[1:])
             try:
-                lines = path.read_text(encoding="utf-8").splitlines()
+                # utf-8-sig: a BOM is ignored; split on \n only, since U+2028 and friends are
+                # legal inside JSON strings and str.splitlines would cut there.
+                lines = path.read_text(encoding="utf-8-sig").split("\n")
             except (OSError, UnicodeDecodeError) as exc:
                 problems.append(Problem(str(path), 0, f"--publish: cannot read file: {exc}"))
                 continue

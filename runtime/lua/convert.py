@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
-
 @dataclass(frozen=True)
 class LuaErrorValue:
     """An error value (SPEC §5) returned from Lua, as seen from Python."""
@@ -53,7 +52,7 @@ def to_lua(lua: Any, value: Any, depth: int = 0) -> Any:
         return value
     if depth > 200:
         raise TypeError("value is nested too deeply to pass to Lua")
-    if isinstance(value, (list, tuple)):
+    if type(value) in (list, tuple):  # not namedtuples such as msgpack's ExtType
         return lua.table_from([to_lua(lua, v, depth + 1) for v in value])
     if isinstance(value, dict):
         out = {}

@@ -67,7 +67,7 @@ class LuaSandbox:
         clock = run("clock", bridge)
         state.clock = clock
         mods = self.lua.table_from({
-            "errors": errors, "json": json, "state": state, "clock": clock,
+            "errors": errors, "json": json, "state": state, "clock": clock, "limited": limited,
             "logger": run("logger", bridge, json, errors),
             "time": run("time", bridge, errors, state),
             "queue": run("queue", bridge, json, errors, state),

@@ -37,7 +37,7 @@ class JsonCodec(Codec):
     def encode(self, value: Any) -> bytes:
         try:
             return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, RecursionError) as exc:
             raise InvalidMessage(f"body cannot be encoded as JSON: {exc}") from None
 
     def encode_json_text(self, text: str) -> bytes:
@@ -48,6 +48,8 @@ class JsonCodec(Codec):
             return json.loads(body)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise ValueError(f"body is not valid JSON: {exc}") from None
+        except RecursionError:
+            raise ValueError("body is not valid JSON: nested too deeply") from None
 
 
 class MsgpackCodec(Codec):
@@ -56,7 +58,7 @@ class MsgpackCodec(Codec):
     def encode(self, value: Any) -> bytes:
         try:
             return msgpack.packb(value, use_bin_type=True)  # type: ignore[no-any-return]
-        except (TypeError, ValueError, OverflowError) as exc:
+        except (TypeError, ValueError, OverflowError, RecursionError) as exc:
             raise InvalidMessage(f"body cannot be encoded as msgpack: {exc}") from None
 
     def encode_json_text(self, text: str) -> bytes:

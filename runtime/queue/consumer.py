@@ -136,8 +136,9 @@ class ConsumerPool:
             log.exception("consumer %s: internal error on message %s", self.spec.id, d.message.id)
             try:
                 self._fail(w, d, f"internal error: {type(exc).__name__}: {exc}")
-            except Exception:  # noqa: BLE001
-                log.exception("consumer %s: could not return message %s", self.spec.id, d.message.id)
+            except Exception:  # noqa: BLE001 - last resort: back to the queue, never stuck in flight
+                log.exception("consumer %s: could not fail message %s; requeueing it", self.spec.id, d.message.id)
+                self.queue.driver.requeue(d, d.message.retried())
         finally:
             w.current = None
             w.counters.processed += 1
@@ -216,8 +217,8 @@ class ConsumerPool:
             if self.dead_letter.codec is not self.queue.codec:
                 try:
                     body = self.dead_letter.codec.encode(self.queue.codec.decode(body))
-                except (ValueError, RuntimeHostError):
-                    pass  # undecodable: kept as the bytes it came with
+                except Exception:  # noqa: BLE001 - undecodable: kept as the bytes it came with
+                    pass
             try:
                 self.dead_letter.driver.put(self.dead_letter.name, Message(body, headers, msg.id, msg.attempt),
                                             timeout=0)

@@ -8,6 +8,7 @@ driver. Permission checks for Lua callers happen here too (SPEC §3).
 from __future__ import annotations
 
 import json
+import math
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -49,17 +50,34 @@ class BoundQueue:
 
 
 def check_headers(headers: dict[str, Any] | None) -> dict[str, HeaderValue]:
-    """Headers from Python: string names, scalar values, no reserved `x_` names."""
+    """Headers from Python, by the rules Lua's queue.publish applies: string names, finite
+    scalar values, valid Unicode, no reserved `x_` names."""
+    if headers is None:
+        return {}
+    if not isinstance(headers, dict):
+        raise InvalidMessage(f"headers must be a dict (got {type(headers).__name__})")
     out: dict[str, HeaderValue] = {}
-    for key, value in (headers or {}).items():
+    for key, value in headers.items():
         if not isinstance(key, str):
             raise InvalidMessage(f"header names must be strings (got {type(key).__name__})")
+        if not _valid_text(key):
+            raise InvalidMessage(f"header name {key!r} is not valid Unicode")
         if key.startswith("x_"):
             raise InvalidMessage(f"header '{key}' is reserved: names starting with 'x_' belong to the runtime")
-        if not isinstance(value, (str, int, float, bool)):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise InvalidMessage(f"header '{key}' must be a finite number")
+        if not isinstance(value, (str, int, float, bool)) or (isinstance(value, str) and not _valid_text(value)):
             raise InvalidMessage(f"header '{key}' must be a string, number or boolean")
         out[key] = value
     return out
+
+
+def _valid_text(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 class QueueRouter:

@@ -276,12 +276,24 @@ def type_name(value: Any) -> str:
     return type(value).__name__
 
 
-def plain(value: Any) -> Any:
-    """Drop line bookkeeping: LineDict/LineList/SourceText -> dict/list/str."""
-    if isinstance(value, dict):
-        return {str(k) if isinstance(k, str) else k: plain(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [plain(v) for v in value]
+def plain(value: Any, memo: dict[int, Any] | None = None) -> Any:
+    """Drop line bookkeeping: LineDict/LineList/SourceText -> dict/list/str. Containers
+    shared through YAML aliases stay shared (so an alias bomb is not expanded)."""
+    if isinstance(value, (dict, list)):
+        memo = {} if memo is None else memo
+        done = memo.get(id(value))
+        if done is not None:
+            return done
+        if isinstance(value, dict):
+            mapping: dict[Any, Any] = {}
+            memo[id(value)] = mapping
+            for k, v in value.items():
+                mapping[str(k) if isinstance(k, str) else k] = plain(v, memo)
+            return mapping
+        items: list[Any] = []
+        memo[id(value)] = items
+        items.extend(plain(v, memo) for v in value)
+        return items
     if isinstance(value, str):
         return str(value)
     return value

@@ -194,11 +194,16 @@ class _Substituter:
         self.app_dir = app_dir.resolve()
         self.where = where
         self.problems = problems
+        self.seen: set[int] = set()  # YAML aliases share containers: visit each once
 
     def problem(self, line: int, message: str) -> None:
         self.problems.append(Problem(self.where, line, message))
 
     def value(self, v: Any, line: int, block: bool = False) -> Any:
+        if isinstance(v, (LineDict, LineList)):
+            if id(v) in self.seen:
+                return v
+            self.seen.add(id(v))
         if isinstance(v, LineDict):
             for key in list(v):
                 v[key] = self.value(v[key], v.value_lines.get(key, line), v.value_block.get(key, False))

@@ -126,6 +126,8 @@ def load_yaml(raw: bytes) -> tuple[Any, list[tuple[int, str]]]:
         raise YamlProblem(line, f"invalid YAML: {what}") from None
     except yaml.YAMLError as exc:
         raise YamlProblem(0, f"invalid YAML: {exc}") from None
+    except RecursionError:
+        raise YamlProblem(0, "invalid YAML: the document is nested too deeply") from None
     finally:
         loader.dispose()
     return value, loader.duplicate_keys
