@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError, LuaHandlerError, Problem, ShutdownTimeout
+from .errors import ConfigError, LuaHandlerError, PermissionDenied, Problem, ShutdownTimeout
+from .lifecycle.security import Authorizer, policy_problems
 from .lifecycle.services import ConsumerService, ProcessService
 from .lifecycle.supervisor import Supervisor
 from .lua.sandbox import LuaSandbox
@@ -17,6 +19,8 @@ from .queue.router import QueueRouter
 from .registry import FunctionSpec, Registry, display_path, load_registry
 from .registry.kinds import SecurityContext
 
+_security_log = logging.getLogger("runtime.security")
+
 
 class App:
     """A loaded, validated application. Create with :meth:`App.load`."""
@@ -25,6 +29,8 @@ class App:
         self.registry = registry
         self.strict_security = strict_security
         self.router = QueueRouter(registry)
+        self.authorizer = Authorizer(registry, strict=strict_security)
+        self.router.authorize = self._authorize_publish
         self._local = threading.local()
         self._sandboxes: list[LuaSandbox] = []
         self._lock = threading.Lock()
@@ -41,9 +47,21 @@ class App:
             raise ConfigError([Problem(display_path(app_dir), 0, f"application directory {what}")])
         registry, problems = load_registry(app_dir)
         problems += check_lua_sources(registry)
+        problems += policy_problems(registry)
         if problems:
             raise ConfigError(problems)
         return cls(registry, strict_security=strict_security)
+
+    # -- security --------------------------------------------------------------------------
+    def _authorize_publish(self, security: SecurityContext | None, caller_id: str, queue_id: str) -> None:
+        decision = self.authorizer.check_publish(security, queue_id)
+        if decision.allowed:
+            return
+        actor = security.actor.id if security is not None and security.actor is not None else "(none)"
+        _security_log.warning("permission denied: actor %s (in %s) may not publish to %s: %s", actor, caller_id,
+                              queue_id, decision.reason,
+                              extra={"fields": {"actor": actor, "action": "queue.publish", "resource": queue_id}})
+        raise PermissionDenied(f"actor {actor} may not publish to queue '{queue_id}': {decision.reason}")
 
     # -- Lua -------------------------------------------------------------------------------
     def new_sandbox(self, *, limited: bool = False, memory_limit: int | None = None,

@@ -23,7 +23,8 @@ class QueuePort(Protocol):
     """What the `queue` module needs from the host. Raise RuntimeHostError subclasses
     (their ``kind`` reaches Lua) for failures."""
 
-    def publish(self, caller_id: str, queue_id: str, body_json: str, headers_json: str) -> str: ...
+    def publish(self, caller_id: str, queue_id: str, body_json: str, headers_json: str,
+                security: Any = None) -> str: ...
 
     def info(self, caller_id: str, queue_id: str) -> dict[str, Any]: ...
 
@@ -82,7 +83,7 @@ class Bridge:
 
     # queue -------------------------------------------------------------------------------
     def publish(self, caller_id: str, queue_id: str, body_json: str, headers_json: str) -> bool:
-        self.queues.publish(caller_id, queue_id, body_json, headers_json)
+        self.queues.publish(caller_id, queue_id, body_json, headers_json, self.security)
         return True
 
     def queue_info(self, caller_id: str, queue_id: str) -> str:

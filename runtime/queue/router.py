@@ -87,8 +87,9 @@ class QueueRouter:
         self.registry = registry
         self.queues: dict[str, BoundQueue] = {}
         self.publish_timeout = PUBLISH_TIMEOUT
-        # Set by the app: may raise PermissionDenied for a Lua caller (SPEC §3).
-        self.authorize: Callable[[str, str], None] | None = None
+        # Set by the app: (security context, caller ID, queue ID); raises PermissionDenied
+        # when a Lua caller may not publish there (SPEC §3).
+        self.authorize: Callable[[Any, str, str], None] | None = None
 
     def bind(self, spec: QueueSpec, driver: Driver) -> BoundQueue:
         driver.declare(spec.queue_name, dict(spec.driver_options.get(_driver_key(driver), {}) or {}))
@@ -118,10 +119,11 @@ class QueueRouter:
         return message.id
 
     # -- from Lua (QueuePort) ---------------------------------------------------------------
-    def publish(self, caller_id: str, queue_id: str, body_json: str, headers_json: str) -> str:
+    def publish(self, caller_id: str, queue_id: str, body_json: str, headers_json: str,
+                security: Any = None) -> str:
         bound = self.bound(queue_id, caller_id.split(":", 1)[0])
         if self.authorize is not None:
-            self.authorize(caller_id, bound.spec.id)
+            self.authorize(security, caller_id, bound.spec.id)
         headers = json.loads(headers_json) if headers_json else {}
         message = Message.new(bound.codec.encode_json_text(body_json), headers)
         bound.put(message, self.publish_timeout)
