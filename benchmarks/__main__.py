@@ -50,6 +50,15 @@ def main() -> int:
                  for c in (1, 2, 4) for p in (10, 100)}
     s["compute"] = {f"c{c}": in_subprocess("consume", handler="compute", rounds=rounds, n=n_compute, concurrency=c,
                                            prefetch=100) for c in (1, 2)}
+    # Limits (hardening issue): the same consumer with a time limit (JIT off + count hook) and
+    # with a memory limit (a Lua 5.4 state), next to no limits, in the same run.
+    s["limits"] = {}
+    for label, limits in (("none", ""), ("timeout", "timeout: 10s"), ("memory_limit", "memory_limit: 64MB")):
+        s["limits"][label] = {
+            "noop": in_subprocess("consume", handler="noop", n=n, concurrency=1, prefetch=100, limits=limits),
+            "compute": in_subprocess("consume", handler="compute", rounds=rounds, n=n_compute // 4, concurrency=1,
+                                     prefetch=100, limits=limits),
+        }
     s["pipeline"] = in_subprocess("pipeline", n=n, concurrency=2)
     s["latency"] = in_subprocess("latency", rate=5000.0, seconds=0.5 if args.quick else 4.0, concurrency=2)
     s["startup"] = in_subprocess("startup", seed=str(ROOT / "samples" / "seed"))
@@ -96,6 +105,12 @@ def print_table(results: dict[str, Any]) -> None:
         ratio = r["consume_per_s"] / raw
         print(f"  {key:10} consume {r['consume_per_s']:>8,.0f}/s   raw {raw:>8,.0f}/s   ratio {ratio:.2f}")
     print(f"  scaling c2/c1: {s['compute']['c2']['consume_per_s'] / s['compute']['c1']['consume_per_s']:.2f}")
+    print("\nLimits (concurrency 1): consume rate, and the ratio to no limits in the same run")
+    base = s["limits"]["none"]
+    for label, r in s["limits"].items():
+        noop, compute = r["noop"]["consume_per_s"], r["compute"]["consume_per_s"]
+        print(f"  {label:13} no-op {noop:>9,.0f}/s ({noop / base['noop']['consume_per_s']:.2f})"
+              f"   compute {compute:>7,.0f}/s ({compute / base['compute']['consume_per_s']:.2f})")
     print(f"\nScenario 3: 2-stage pipeline (republish from Lua), concurrency 2: "
           f"{s['pipeline']['end_to_end_per_s']:,.0f} msg/s end to end")
     lat = s["latency"]

@@ -43,7 +43,7 @@ def peak_rss_mib() -> float:
 
 
 def write_app(handler: str, *, concurrency: int = 1, prefetch: int = 10, stages: int = 1,
-              max_length: int = 1_000_000, auto_start_consumers: bool = True) -> Path:
+              max_length: int = 1_000_000, auto_start_consumers: bool = True, limits: str = "") -> Path:
     """A benchmark app: queues q1..qN (q_i's handler republishes to q_{i+1}), `handler` last."""
     root = Path(tempfile.mkdtemp(prefix="rt-bench-"))
     entries = ["  - {name: mem, kind: queue.driver.memory, lifecycle: {auto_start: true}}"]
@@ -58,7 +58,8 @@ def write_app(handler: str, *, concurrency: int = 1, prefetch: int = 10, stages:
         (root / f"h{s}.lua").write_text(src)
         entries.append(f"  - {{name: h{s}, kind: function.lua, source: 'file://h{s}.lua', modules: {mods}}}")
         entries.append(f"  - {{name: c{s}, kind: queue.consumer, queue: q{s}, func: h{s}, concurrency: {concurrency}, "
-                       f"prefetch: {prefetch}, lifecycle: {{auto_start: {str(auto_start_consumers).lower()}}}}}")
+                       f"prefetch: {prefetch}, lifecycle: {{auto_start: {str(auto_start_consumers).lower()}}}"
+                       f"{', ' + limits if limits else ''}}}")
     (root / "app.yaml").write_text("namespace: b\nentries:\n" + "\n".join(entries) + "\n")
     return root
 

@@ -57,10 +57,12 @@ def calibrate_rounds(target_us: float = 200.0) -> int:
         rounds *= 4
 
 
-def consume(handler: str, n: int, concurrency: int, prefetch: int) -> dict[str, Any]:
+def consume(handler: str, n: int, concurrency: int, prefetch: int, limits: str = "") -> dict[str, Any]:
     """Publish n messages first (publish rate), then start the consumer (consume rate);
-    then the same again with the consumer running while publishing (end-to-end rate)."""
-    app = App.load(write_app(handler, concurrency=concurrency, prefetch=prefetch, auto_start_consumers=False))
+    then the same again with the consumer running while publishing (end-to-end rate).
+    `limits`: consumer fields such as "timeout: 10s" or "memory_limit: 64MB"."""
+    app = App.load(write_app(handler, concurrency=concurrency, prefetch=prefetch, auto_start_consumers=False,
+                             limits=limits))
     app.start()
     t0 = time.perf_counter()
     for i in range(n):

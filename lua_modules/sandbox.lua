@@ -42,7 +42,7 @@ real.unpack = unpack
 ---------------------------------------------------------------------------------------------
 -- LIMITS. One deadline per state (a state runs one call at a time). The hook is installed
 -- on the main thread for the call and on every coroutine the sandbox creates meanwhile.
-local HOOK_COUNT = 1000
+local HOOK_COUNT = 10000 -- about 10-50 µs of interpreted code between deadline checks
 local state = mods.state
 local clock = mods.clock
 local deadline, limit, timed_out_at = nil, nil, nil

@@ -21,7 +21,7 @@ def test_benchmarks_quick_run(tmp_path):
     assert "Scenario 1" in out.stdout and "Targets:" in out.stdout
     results = json.loads(out_json.read_text())
     scenarios = results["scenarios"]
-    assert set(scenarios) == {"baseline_noop", "baseline_compute", "noop", "compute", "pipeline", "latency",
+    assert set(scenarios) == {"baseline_noop", "baseline_compute", "noop", "compute", "limits", "pipeline", "latency",
                               "startup", "idle_memory"}
     assert all(r["consume_per_s"] > 0 for r in scenarios["noop"].values())
     assert scenarios["latency"]["messages"] > 0

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import os
 import time
-import uuid
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 HeaderValue = str | int | float | bool
+
+
+def new_id() -> str:
+    """A random (version 4) UUID as text; about 4x cheaper than str(uuid.uuid4())."""
+    b = bytearray(os.urandom(16))
+    b[6] = (b[6] & 0x0F) | 0x40
+    b[8] = (b[8] & 0x3F) | 0x80
+    h = b.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 @dataclass(frozen=True)
@@ -19,14 +28,15 @@ class Message:
 
     body: bytes
     headers: dict[str, HeaderValue] = field(default_factory=dict)
-    id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    id: str = field(default_factory=new_id)
     attempt: int = 1
 
     @classmethod
     def new(cls, body: bytes, headers: dict[str, HeaderValue] | None = None) -> Message:
-        all_headers: dict[str, Any] = dict(headers or {})
-        all_headers.setdefault("timestamp", time.time())
-        return cls(body=body, headers=all_headers)
+        all_headers: dict[str, Any] = {"timestamp": time.time()}
+        if headers:
+            all_headers.update(headers)
+        return cls(body, all_headers, new_id())
 
     def retried(self) -> Message:
         """The same message for its next delivery attempt."""
