@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import textwrap
-from collections.abc import Callable
+import threading
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from runtime import App
+from runtime.errors import ShutdownTimeout
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLES = REPO / "samples"
@@ -57,3 +61,50 @@ def run_lua(tmp_path: Path) -> Callable[..., object]:
         app = lua_function_app(tmp_path / f"app{next(counter)}", lua, modules=modules)
         return app.call("t:f", *args)
     return run
+
+
+@pytest.fixture
+def start() -> Iterator[Callable[[App], App]]:
+    """start(app) starts it; every app started is stopped when the test ends."""
+    apps: list[App] = []
+
+    def _start(app: App) -> App:
+        apps.append(app)
+        app.start()
+        return app
+
+    yield _start
+    for app in apps:
+        try:
+            app.stop(5)
+        except ShutdownTimeout:
+            pass
+
+
+def drain(app: App, queue_id: str) -> list[tuple[Any, Any]]:
+    """Take (and ack) every ready message of a queue: [(message, decoded body)] in order.
+    A body the codec cannot decode is given as its raw bytes."""
+    bound = app.router.queues[queue_id]
+    out: list[tuple[Any, Any]] = []
+    while True:
+        got = bound.driver.get(bound.name, 1000, 0)
+        if not got:
+            return out
+        for d in got:
+            try:
+                value: Any = bound.codec.decode(d.message.body)
+            except ValueError:
+                value = d.message.body
+            out.append((d.message, value))
+            bound.driver.ack(d)
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float) -> bool:
+    """Wait until predicate() is true (checked every 5 ms); False if `timeout` runs out."""
+    deadline = time.monotonic() + timeout
+    event = threading.Event()
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        event.wait(0.005)
+    return True

@@ -29,18 +29,18 @@ import re
 import subprocess
 import sys
 import textwrap
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from conftest import REPO, write_app
+from conftest import REPO, drain, write_app
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from runtime import App
-from runtime.errors import ConfigError, InvalidMessage, Problem, QueueNotFound, RuntimeHostError, ShutdownTimeout
+from runtime.errors import ConfigError, InvalidMessage, Problem, QueueNotFound, RuntimeHostError
 from runtime.queue.codecs import JsonCodec, MsgpackCodec
 from runtime.queue.message import Message
 from runtime.registry import load_registry
@@ -89,37 +89,6 @@ def build_app(root: Path, handler: str, *, codec: str = "json", dead_letter: dic
     write_app(root, {"app.yaml": yaml.safe_dump(doc, sort_keys=False),
                      "handler.lua": PRELUDE + textwrap.dedent(handler)})
     return App.load(root)
-
-
-@pytest.fixture
-def start() -> Iterator[Callable[[App], App]]:
-    """start(app) starts it; every app started is stopped when the test ends."""
-    apps: list[App] = []
-
-    def _start(app: App) -> App:
-        apps.append(app)
-        app.start()
-        return app
-
-    yield _start
-    for app in apps:
-        try:
-            app.stop(5)
-        except ShutdownTimeout:
-            pass
-
-
-def drain(app: App, queue_id: str) -> list[tuple[Any, Any]]:
-    """Take and ack every ready message of a queue: [(message, decoded body)] in order."""
-    bound = app.router.queues[queue_id]
-    out: list[tuple[Any, Any]] = []
-    while True:
-        got = bound.driver.get(bound.name, 1000, 0)
-        if not got:
-            return out
-        for d in got:
-            out.append((d.message, bound.codec.decode(d.message.body)))
-            bound.driver.ack(d)
 
 
 def results(app: App) -> list[Any]:

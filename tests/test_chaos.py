@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import collections
 import threading
-import time
 
 import pytest
-from conftest import write_app
+from conftest import wait_for, write_app
 
 from runtime import App
 
@@ -66,16 +65,6 @@ def _rss_mib() -> float:
         return int(f.read().split()[1]) * resource.getpagesize() / (1024 * 1024)
 
 
-def _wait_for(predicate, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    event = threading.Event()
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        event.wait(0.01)
-    return True
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_chaos_soak(tmp_path, caplog):
@@ -105,7 +94,7 @@ def test_chaos_soak(tmp_path, caplog):
             return len(acked)
 
     for fraction in (1 / 3, 2 / 3):
-        assert _wait_for(lambda f=fraction: acked_count() >= N * f, 300)
+        assert wait_for(lambda f=fraction: acked_count() >= N * f, 300)
         app.stop()  # mid-stream: prefetched and in-flight messages go back to the queue
         app.start()
     assert app.wait_idle(300)

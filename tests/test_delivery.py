@@ -11,14 +11,14 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import msgpack
 import pytest
 import yaml
-from conftest import write_app
+from conftest import drain, write_app
 
 from runtime import App
 from runtime.errors import ConfigError, PublishTimeout, RuntimeHostError, ShutdownTimeout
@@ -81,42 +81,6 @@ def standard_app(root: Path, handler: str, *, queue: dict[str, Any] | None = Non
         *(extra or []),
     ]
     return build(root, entries, {"handler.lua": PRELUDE + handler, **(files or {})})
-
-
-@pytest.fixture
-def start() -> Iterator[Callable[[App], App]]:
-    """start(app) starts it and makes sure it is stopped when the test ends."""
-    apps: list[App] = []
-
-    def _start(app: App) -> App:
-        apps.append(app)
-        app.start()
-        return app
-
-    yield _start
-    for app in apps:
-        try:
-            app.stop(5)
-        except ShutdownTimeout:
-            pass
-
-
-def drain(app: App, queue_id: str) -> list[tuple[Message, Any]]:
-    """Take (and ack) every ready message of a queue: [(message, decoded body)] in order.
-    A body the codec cannot decode is given as its raw bytes."""
-    bound = app.router.queues[queue_id]
-    out: list[tuple[Message, Any]] = []
-    while True:
-        got = bound.driver.get(bound.name, 1000, 0.01)
-        if not got:
-            return out
-        for d in got:
-            try:
-                value: Any = bound.codec.decode(d.message.body)
-            except ValueError:
-                value = d.message.body
-            out.append((d.message, value))
-            bound.driver.ack(d)
 
 
 def results(app: App) -> list[Any]:

@@ -4,7 +4,7 @@ app stopped mid-stream that loses nothing."""
 from __future__ import annotations
 
 import pytest
-from conftest import write_app
+from conftest import wait_for, write_app
 
 from runtime import App
 
@@ -136,7 +136,7 @@ def test_stop_mid_stream_loses_nothing(tmp_path):
     for i in range(n):
         app.publish("s:q", {"n": i})
     # Wait until processing is well under way (but not finished), then stop.
-    assert _wait_for(lambda: app.stats()["consumers"]["s:c"]["acked"] >= 500, 60)
+    assert wait_for(lambda: app.stats()["consumers"]["s:c"]["acked"] >= 500, 60)
     app.stop()
     stats = app.stats()
     acked = stats["consumers"]["s:c"]["acked"]
@@ -147,15 +147,3 @@ def test_stop_mid_stream_loses_nothing(tmp_path):
     # Every message still queued is one that was never acked: ids are all distinct.
     remaining = _drain(app, "s:q")
     assert len({m["n"] for m in remaining}) == len(remaining) == n - acked
-
-
-def _wait_for(predicate, timeout: float) -> bool:
-    import threading
-    import time
-    deadline = time.monotonic() + timeout
-    event = threading.Event()
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        event.wait(0.005)
-    return True
