@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..errors import LuaHandlerError, RuntimeHostError
-from ..lua.sandbox import ACK, SETTLED, UNDECODABLE, LuaSandbox
+from ..lua.sandbox import ACK, SETTLED, UNDECODABLE, LuaSandbox, clean_traceback
 from ..registry import ConsumerSpec
 from .codecs import JsonCodec
 from .driver import Delivery
@@ -237,8 +237,9 @@ class ConsumerPool:
     def _log_failure(self, msg: Message, error: str, tb: str | None, what: str | None) -> None:
         text = f"consumer {self.spec.id}: message {msg.id} (attempt {msg.attempt}) "
         text += f"{what}: {error}" if what else f"failed: {error}"
-        if tb and tb.strip() and tb.strip() != "stack traceback:":
-            text += "\n" + tb.strip()
+        tb = clean_traceback(tb or "")
+        if tb:
+            text += "\n" + tb
         log.warning(text, extra={"entry": self.spec.func, "lua_file": "", "lua_line": 0})
 
     # -- stop ----------------------------------------------------------------------------------
