@@ -41,7 +41,3 @@ def new_lua_runtime(metered: bool = False) -> Any:
 
 def _lua54() -> Any:
     return importlib.import_module("lupa.lua54")
-
-
-def lua_type(value: Any) -> str | None:
-    return _lupa.lua_type(value)  # type: ignore[no-any-return]
