@@ -19,9 +19,27 @@ local function merge(a, b)
     return out
 end
 
+-- Whether a level is enabled is asked of the host once and then re-asked every
+-- RECHECK_EVERY log calls, so a filtered-out log call costs no call into Python (which
+-- would take the GIL on every message). A level change made in Python while the app runs
+-- takes effect within that many calls per Lua state.
+local RECHECK_EVERY = 1000
+local enabled_cache, calls = {}, 0
+
+local function level_enabled(level)
+    calls = calls + 1
+    if calls >= RECHECK_EVERY then enabled_cache, calls = {}, 0 end
+    local enabled = enabled_cache[level]
+    if enabled == nil then
+        local ok, answer = pcall(bridge.log_enabled, level)
+        enabled = ok and answer == true
+        enabled_cache[level] = enabled
+    end
+    return enabled
+end
+
 local function emit(level, entry_id, name, base_fields, msg, fields, stack_level)
-    local ok, enabled = pcall(bridge.log_enabled, level)
-    if not ok or not enabled then return end
+    if not level_enabled(level) then return end
     local info = getinfo(stack_level, "Sl")
     local line = info and info.currentline or 0
     local src = info and info.short_src or "?"
