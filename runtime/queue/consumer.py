@@ -257,12 +257,10 @@ class ConsumerPool:
         self._return_buffered()  # (4) prefetched, never started: back unchanged
         overran = []
         for w in self.workers:  # (5) abandoned handlers: their messages go back too
-            if w.thread is not None and w.thread.is_alive():
-                d = w.current
-                if d is not None and self.queue.driver.release(d):
-                    overran.append(f"{self.spec.id}#{w.index}")
-                elif d is not None:
-                    overran.append(f"{self.spec.id}#{w.index}")
+            d = w.current
+            if w.thread is not None and w.thread.is_alive() and d is not None:
+                self.queue.driver.release(d)  # its late ack will find nothing to settle
+                overran.append(f"{self.spec.id}#{w.index}")
         if self.started:
             self.queue.consumers -= 1
             self.started = False
