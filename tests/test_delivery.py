@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import conftest
 import msgpack
 import pytest
 import yaml
@@ -88,11 +89,8 @@ def results(app: App) -> list[Any]:
 
 
 def wait_for(cond: Callable[[], bool], timeout: float = IDLE) -> None:
-    """Poll a condition until it holds (bounded; the same kind of wait as wait_idle)."""
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.002)
+    """Wait (bounded) until a condition holds; fail the test if it never does."""
+    assert conftest.wait_for(cond, timeout), "condition not reached in time"
 
 
 def consumer_stats(app: App, consumer_id: str = "t:worker") -> dict[str, int]:
