@@ -1,9 +1,10 @@
 -- sandbox.lua: builds sandboxed environments and runs entries in one Lua state (SPEC §4).
 -- Contract: run once per Lua state by the host, in the trusted global environment, with
--- (bridge, mods) where mods = {errors, json, logger, queue, time, state} are the loaded
--- module factories and the per-state table shared with the queue module. Returns `host`, the only table the Python side calls:
---   host.load(id, kind, text, chunkname, modules, imports, method) -> true | nil, msg, tb
---   host.call(id, ...) -> true, n, exported | false, msg, tb, kind
+-- (bridge, mods): mods holds the loaded module factories (errors, json, logger, queue,
+-- time), `state` (per-state data shared with the modules, e.g. the current message),
+-- `clock` and `limited`. Returns `host`, the only table the Python side calls:
+--   host.load(id, kind, text, chunkname, modules, imports, method, timeout) -> true | nil, msg, tb
+--   host.call(id, timeout, ...) -> true, n, exported | false, msg, tb, kind
 --   host.export(...) -> n, exported   (values made safe for Python: see export below)
 --   host.compile(text, chunkname) -> true | nil, msg   (syntax check, never runs code)
 --   host.deliverer(id) -> deliver(body, value, has_value, attempt, timeout) -> status, msg, tb, kind
@@ -12,7 +13,6 @@
 -- count hook that keeps raising a Timeout error once the deadline has passed. The host
 -- turns the JIT off in states that run limited code (hooks do not fire in compiled traces).
 -- Runs on LuaJIT 2.1 and on Lua 5.4 (used for entries with a memory limit).
---   host.state                       (shared per-state data, e.g. the current message)
 -- The sandbox is built by absence: a fresh environment table per entry holding only what
 -- SPEC §4 lists. Sandboxed code never sees the real globals, this table, or the bridge.
 local bridge, mods = ...
@@ -21,8 +21,8 @@ local type, pairs, next, tostring, select, error = type, pairs, next, tostring, 
 local load, xpcall, pcall, setmetatable, rawget = load, xpcall, pcall, setmetatable, rawget
 local unpack = table.unpack or unpack
 local traceback, getinfo, sethook = debug.traceback, debug.getinfo, debug.sethook
-local co_create, co_resume, co_status = coroutine.create, coroutine.resume, coroutine.status
-local format, sub, find, byte = string.format, string.sub, string.find, string.byte
+local co_create, co_resume = coroutine.create, coroutine.resume
+local format, find, byte = string.format, string.find, string.byte
 
 -- Lock the shared pieces every state has before any user code runs.
 string.dump = nil
@@ -221,11 +221,15 @@ function host.compile(text, chunkname)
     return nil, json.utf8_clean(tostring(err))
 end
 
-function host.load(id, kind, text, chunkname, modules, imports, method)
+function host.load(id, kind, text, chunkname, modules, imports, method, timeout)
     local env = new_env(id, modules, imports)
     local chunk, err = load(text, chunkname, "t", env)
     if not chunk then return nil, json.utf8_clean(tostring(err)), "" end
+    arm(timeout) -- a limited state limits the chunk's own top-level code too
     local ok, result = xpcall(chunk, on_error)
+    local over = disarm()
+    if over ~= nil then return nil, "its top-level code " .. tostring(over), "" end
+    if not ok and type(result) ~= "table" then return nil, safe_tostring(result), "" end
     if not ok then return nil, result.msg, result.tb end
     local entry = { value = result, env = env }
     if kind ~= "library.lua" then

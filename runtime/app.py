@@ -67,25 +67,25 @@ class App:
         raise PermissionDenied(f"actor {actor} may not publish to queue '{queue_id}': {decision.reason}")
 
     # -- Lua -------------------------------------------------------------------------------
-    def new_sandbox(self, *, limited: bool = False, memory_limit: int | None = None,
+    def new_sandbox(self, *, timeout: float | None = None, memory_limit: int | None = None,
                     security: SecurityContext | None = None) -> LuaSandbox:
         """A fresh Lua state wired to this app's queues (one per worker thread); see
-        LuaSandbox for `limited` (time limits) and `memory_limit`."""
-        sandbox = LuaSandbox(self.registry, self.router, limited=limited, memory_limit=memory_limit,
+        LuaSandbox for `timeout` and `memory_limit`."""
+        sandbox = LuaSandbox(self.registry, self.router, timeout=timeout, memory_limit=memory_limit,
                              security=security)
         with self._lock:
             self._sandboxes.append(sandbox)
         return sandbox
 
-    def _sandbox(self, limited: bool, memory_limit: int | None) -> LuaSandbox:
-        """This thread's Lua state for `App.call`, one per kind of limit."""
-        cache: dict[tuple[bool, int | None], LuaSandbox] | None = getattr(self._local, "sandboxes", None)
+    def _sandbox(self, timeout: float | None, memory_limit: int | None) -> LuaSandbox:
+        """This thread's Lua state for `App.call`, one per set of limits."""
+        cache: dict[tuple[float | None, int | None], LuaSandbox] | None = getattr(self._local, "sandboxes", None)
         if cache is None:
             cache = self._local.sandboxes = {}
-        key = (limited, memory_limit)
+        key = (timeout, memory_limit)
         sandbox = cache.get(key)
         if sandbox is None:
-            sandbox = cache[key] = self.new_sandbox(limited=limited, memory_limit=memory_limit)
+            sandbox = cache[key] = self.new_sandbox(timeout=timeout, memory_limit=memory_limit)
         return sandbox
 
     def call(self, func_id: str, *args: Any) -> Any:
@@ -98,12 +98,12 @@ class App:
         spec = self.registry.get(func_id, FunctionSpec)
         timeout = spec.timeout if spec else None
         memory_limit = spec.memory_limit if spec else None
-        sandbox = self._sandbox(timeout is not None, memory_limit)
+        sandbox = self._sandbox(timeout, memory_limit)
         try:
             return sandbox.call(func_id, *args, timeout=timeout)
         except LuaHandlerError as exc:
             if memory_limit is not None and "not enough memory" in str(exc):
-                self._local.sandboxes.pop((timeout is not None, memory_limit), None)  # a full state is discarded
+                self._local.sandboxes.pop((timeout, memory_limit), None)  # a full state is discarded
             raise
 
     # -- lifecycle -------------------------------------------------------------------------

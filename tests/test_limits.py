@@ -147,3 +147,26 @@ def test_consumer_memory_limit_kills_the_call_not_the_process(tmp_path, caplog):
     c = stats["consumers"]["t:c"]
     assert c["acked"] == 20 and c["dead_lettered"] == 1
     assert "ran out of memory" in caplog.text
+
+
+@pytest.mark.timeout(30)
+def test_time_limit_covers_top_level_code(tmp_path):
+    write_app(tmp_path, {"app.yaml": """
+        namespace: t
+        entries:
+          - name: f
+            kind: function.lua
+            source: "while true do end return function() end"
+            timeout: 100ms
+    """})
+    with pytest.raises(LuaHandlerError, match="top-level code exceeded its time limit"):
+        App.load(tmp_path).call("t:f")
+
+
+@pytest.mark.timeout(30)
+def test_consumer_with_runaway_top_level_code_refuses_to_start(tmp_path):
+    from runtime import ConfigError
+    app = _consumer_app(tmp_path, "while true do end return function() end", "timeout: 100ms")
+    with pytest.raises(ConfigError, match="top-level code exceeded its time limit"):
+        app.start()
+    assert app.service_ids() == []

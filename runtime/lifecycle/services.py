@@ -89,7 +89,7 @@ class ConsumerService(Service):
         security = self.spec.lifecycle.security
 
         def make_sandbox() -> LuaSandbox:
-            return self.make_sandbox(limited=timeout is not None, memory_limit=memory, security=security)
+            return self.make_sandbox(timeout=timeout, memory_limit=memory, security=security)
 
         self.pool = ConsumerPool(self.spec, queue, dead_letter, make_sandbox, timeout)
         self.pool.start()

@@ -40,15 +40,17 @@ def clean_traceback(tb: str) -> str:
 class LuaSandbox:
     """A Lua state with the runtime's modules loaded and a sandbox per entry."""
 
-    def __init__(self, registry: Registry, queues: QueuePort, *, limited: bool = False,
+    def __init__(self, registry: Registry, queues: QueuePort, *, timeout: float | None = None,
                  memory_limit: int | None = None, security: Any = None):
-        """`limited`: the state runs code under a time limit, so the JIT is off (count hooks
-        do not fire in compiled traces). `memory_limit`: a Lua 5.4 state whose allocator
+        """`timeout`: the state runs code under this time limit (chunks' top-level code too),
+        so the JIT is off (count hooks do not fire in compiled traces). `memory_limit`: a Lua 5.4 state whose allocator
         refuses to grow past that many bytes (on top of what the runtime's modules use).
         `security`: the SecurityContext Lua publishes are checked against."""
         self.registry = registry
         self.bridge = Bridge(queues, security)
         self.memory_limit = memory_limit
+        self.timeout = timeout
+        limited = timeout is not None
         self.lua = new_lua_runtime(metered=memory_limit is not None)
         g = self.lua.globals()
         if limited and g.jit is not None:
@@ -95,6 +97,7 @@ class LuaSandbox:
         ok, msg, tb = self._unpack3(self._host_load(
             entry_id, spec.kind, src.chunk_text, chunk_name(src),
             self.lua.table_from(list(spec.modules)), self.lua.table_from(spec.imports), spec.method,
+            self.timeout,
         ))
         if not ok:
             where = display_path(src.path)
