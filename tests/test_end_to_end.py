@@ -4,7 +4,7 @@ app stopped mid-stream that loses nothing."""
 from __future__ import annotations
 
 import pytest
-from conftest import wait_for, write_app
+from conftest import drain, wait_for, write_app
 
 from runtime import App
 
@@ -68,13 +68,7 @@ entries:
 
 
 def _drain(app: App, queue_id: str) -> list:
-    bound = app.router.queues[queue_id]
-    out = []
-    while True:
-        batch = bound.driver.get(bound.name, 1000, 0)
-        if not batch:
-            return out
-        out += [bound.codec.decode(d.message.body) for d in batch]
+    return [value for _, value in drain(app, queue_id)]
 
 
 @pytest.mark.slow

@@ -3,10 +3,9 @@ lifecycle actor; `queue.publish` checks `queue.publish` then `queue.publish.queu
 
 from __future__ import annotations
 
-import json
 import logging
 
-from conftest import write_app
+from conftest import drain, write_app
 
 from runtime import App
 
@@ -75,12 +74,7 @@ def _run(tmp_path, role="worker", policies="publish_to_out", groups="", strict=F
         for target in targets:
             app.publish("app:in", {"to": target})
         assert app.wait_idle(10)
-    bound = app.router.queues["app:results"]
-    out = {}
-    for d in bound.driver.get(bound.name, 100, 0):
-        r = json.loads(d.message.body)
-        out[r["to"]] = (r["kind"], r["message"])
-    return out
+    return {r["to"]: (r["kind"], r["message"]) for _, r in drain(app, "app:results")}
 
 
 def test_allowed_and_not_allowed(tmp_path, caplog):
