@@ -25,6 +25,14 @@ ACK, NACK, SETTLED, UNDECODABLE = 0, 1, 2, 3
 _TRUSTED_FRAME = re.compile(r"^\s*(\[C\]: in function 'xpcall'|lua_modules/|\[string)")
 
 
+def _pad4(result: Any) -> tuple[Any, Any, Any, Any]:
+    """A Lua call's results as exactly four values (lupa gives a single value unwrapped)."""
+    if not isinstance(result, tuple):
+        return result, None, None, None
+    a, b, c, d, *_ = result + (None, None, None, None)
+    return a, b, c, d
+
+
 def chunk_name(source: LuaSource) -> str:
     return "@" + display_path(source.path)
 
@@ -107,10 +115,8 @@ class LuaSandbox:
 
     @staticmethod
     def _unpack3(result: Any) -> tuple[Any, Any, Any]:
-        if isinstance(result, tuple):
-            padded = tuple(result) + (None, None, None)
-            return padded[0], padded[1], padded[2]
-        return result, None, None
+        a, b, c, _ = _pad4(result)
+        return a, b, c
 
     # -- calling ---------------------------------------------------------------------------
     def call(self, entry_id: str, *args: Any, timeout: float | None = None) -> Any:
@@ -125,7 +131,7 @@ class LuaSandbox:
             raise LuaHandlerError(f"cannot pass arguments to {entry_id}: {exc}", entry_id=entry_id) from None
         result = self._host_call(entry_id, timeout, *lua_args)
         if not result[0]:
-            _, msg, tb, *_ = tuple(result) + (None, None)
+            _, msg, tb, _ = _pad4(result)
             raise LuaHandlerError(str(msg), clean_traceback(tb or ""), entry_id=entry_id)
         n, values = result[1], result[2]
         out = [from_lua(values[i]) for i in range(1, n + 1)]
@@ -150,11 +156,7 @@ class LuaSandbox:
                 value = to_lua(self.lua, value)
             except TypeError as exc:
                 return UNDECODABLE, f"body cannot be handed to Lua: {exc}", None, None
-        result = deliver(body, value, has_value, attempt, timeout)
-        if type(result) is int:
-            return result, None, None, None
-        padded = tuple(result) + (None, None, None)
-        return padded[0], padded[1], padded[2], padded[3]
+        return _pad4(deliver(body, value, has_value, attempt, timeout))
 
     def compile(self, text: str, chunkname: str) -> str | None:
         """Syntax-check Lua text without running it; the error message, or None."""
