@@ -57,7 +57,7 @@ OVER_LIMIT_WARNING = 60.0  # seconds between warnings that a queue is above max_
 log = logging.getLogger("runtime.driver.sqlite")
 T = TypeVar("T")
 _pack = msgpack.packb
-_ACK, _RETRY, _RELEASE = 0, 1, 2
+_ACK, _RETRY, _RELEASE, _REQUEUE = 0, 1, 2, 3
 
 
 class _PublishOp:
@@ -272,10 +272,10 @@ class SqliteDriver(Driver):
             conn = self._connection()
             conn.execute("BEGIN IMMEDIATE")
             try:
+                if settles:  # first: they are usually older than the publishes
+                    _apply_settles(conn, settles)
                 for op in pubs:
                     conn.executemany(sql.INSERT, op.rows)
-                if settles:
-                    _apply_settles(conn, settles)
                 if work is not None:
                     result = work(conn)
                 conn.execute("COMMIT")
@@ -441,7 +441,10 @@ class SqliteConsumer(DriverConsumer):
         self.driver._settle(_ACK, d)
 
     def _retry(self, d: Delivery, delay: float) -> None:
-        self.driver._settle(_RETRY, d, time.time() + delay)
+        if delay > 0:
+            self.driver._settle(_RETRY, d, time.time() + delay)
+        else:
+            self.driver._settle(_REQUEUE, d)  # to the tail at once
 
     def _release(self, deliveries: list[Delivery]) -> None:
         for d in deliveries:
@@ -481,6 +484,10 @@ def _apply_settles(conn: Any, settles: list[tuple[int, str, int, int, float]]) -
         releases = [(seq, claim) for op, _, seq, claim, _ in settles if op == _RELEASE]
         if releases:
             conn.executemany(sql.RELEASE, releases)
+        requeues = [(seq, claim) for op, _, seq, claim, _ in settles if op == _REQUEUE]
+        if requeues:
+            conn.executemany(sql.REQUEUE, requeues)  # a copy at the tail (a new seq) ...
+            conn.executemany(sql.ACK, requeues)  # ... and the claimed row goes
 
 
 def _put_up_to(queue: str, rows: list[tuple[Any, ...]], limit: int, conn: Any) -> int:

@@ -76,6 +76,8 @@ RETRY = ("UPDATE rq_messages SET state = 2, visible_at = ?, claim = NULL, lease_
          "WHERE seq = ? AND claim = ?")
 RELEASE = ("UPDATE rq_messages SET state = 0, claim = NULL, lease_until = NULL, attempts = max(0, attempts - 1) "
            "WHERE seq = ? AND claim = ?")
+REQUEUE = """INSERT INTO rq_messages (queue, state, attempts, id, headers, body)
+    SELECT queue, 0, attempts, id, headers, body FROM rq_messages WHERE seq = ? AND claim = ?"""
 EXTEND = "UPDATE rq_messages SET lease_until = ? WHERE seq = ? AND claim = ?"
 COUNT_READY_UP_TO = "SELECT count(*) FROM (SELECT 1 FROM rq_messages WHERE queue = ? AND state = 0 LIMIT ?)"
 COUNT_BY_STATE = "SELECT state, count(*) FROM rq_messages WHERE queue = ? GROUP BY state"
