@@ -120,8 +120,9 @@ def latency(rate: float, seconds: float, concurrency: int) -> dict[str, Any]:
         achieved = n / (time.perf_counter() - start)
     bound = app.router.queues["b:lat"]
     values = []
+    reader = bound.driver.consume(bound.name, "bench:reader", 10_000)
     while True:
-        batch = bound.driver.get(bound.name, 10_000, 0)
+        batch = reader.fetch(10_000, 0)
         if not batch:
             break
         values += [json.loads(d.message.body)["l"] * 1000 for d in batch]

@@ -5,10 +5,12 @@
 --   encode(v) -> string | nil, err       (NaN and ±Inf become null)
 --   encode_strict(v) -> string | nil, err (NaN/±Inf refused: values must travel unchanged)
 --   encode_lenient(v) -> string           (never fails; for log fields)
+--   encode_msgpack(v) -> string | nil, err (strict, as MessagePack made transport-safe by
+--                                           msgpack.lua; needs the msgpack primitives)
 --   is_object(t) -> bool                  (t came from decoding an empty `{}`)
 --   utf8_clean(s) -> s                    (invalid UTF-8 bytes replaced by U+FFFD)
 -- Errors are returned as values of kind Invalid, never raised, except for a wrong argument type.
-local errors = ...
+local errors, mp = ...
 local byte, sub, find, format, char, rep = string.byte, string.sub, string.find, string.format, string.char, string.rep
 local concat, sort = table.concat, table.sort
 local type, next, tostring, tonumber, error, pairs = type, next, tostring, tonumber, error, pairs
@@ -92,9 +94,17 @@ local function encode_number(v)
     return format("%.17g", v)
 end
 
--- mode: "json" (NaN/Inf -> null), "strict" (NaN/Inf refused), "lenient" (never fails)
-local function encoder(mode)
+local function valid_utf8(s) return utf8_clean(s) == s end
+
+-- mode: "json" (NaN/Inf -> null), "strict" (NaN/Inf and invalid UTF-8 refused: values must
+-- travel unchanged), "lenient" (never fails). fmt: nil for JSON text, or the msgpack
+-- primitives (then strings that are not UTF-8 travel as bin, byte for byte).
+local function encoder(mode, fmt)
     local buf, n
+    local function str(s)
+        if fmt then return fmt.string(s, valid_utf8(s)) end
+        return encode_string(s)
+    end
     local seen = {}
     local fail
 
@@ -113,7 +123,7 @@ local function encoder(mode)
             fail = "cannot encode a table that contains itself (cycle)"
             return
         end
-        if errors.is_error(t) then put(encode_string(tostring(t))) return end
+        if errors.is_error(t) then put(str(tostring(t))) return end
         local count, maxn, strings, numbers = 0, 0, 0, 0
         for k in next, t do
             count = count + 1
@@ -132,15 +142,16 @@ local function encoder(mode)
         end
         seen[t] = true
         if count == 0 then
-            put(object_marks[t] and "{}" or "[]")
+            if fmt then put(object_marks[t] and fmt.map(0) or fmt.array(0))
+            else put(object_marks[t] and "{}" or "[]") end
         elseif numbers == count and maxn == count then
-            put("[")
+            put(fmt and fmt.array(count) or "[")
             for i = 1, count do
-                if i > 1 then put(",") end
+                if i > 1 and not fmt then put(",") end
                 value(t[i], depth + 1)
                 if fail then return end
             end
-            put("]")
+            if not fmt then put("]") end
         elseif numbers > 0 and mode ~= "lenient" then
             if strings > 0 then
                 fail = "cannot encode a table with both string keys and array indices (mixed keys)"
@@ -152,17 +163,23 @@ local function encoder(mode)
             local keys, kn = {}, 0
             for k in next, t do kn = kn + 1; keys[kn] = tostring(k) end
             sort(keys)
-            put("{")
+            put(fmt and fmt.map(kn) or "{")
             for i = 1, kn do
                 local k = keys[i]
-                if i > 1 then put(",") end
-                put(encode_string(k)); put(":")
+                if mode == "strict" and not fmt and not valid_utf8(k) then
+                    fail = "cannot send a table key that is not valid UTF-8 text"
+                    return
+                end
+                if fmt then put(str(k)) else
+                    if i > 1 then put(",") end
+                    put(encode_string(k)); put(":")
+                end
                 local v = t[k]
                 if v == nil then v = t[tonumber(k)] end
                 value(v, depth + 1)
                 if fail then return end
             end
-            put("}")
+            if not fmt then put("}") end
         end
         seen[t] = nil
     end
@@ -170,7 +187,11 @@ local function encoder(mode)
     value = function(v, depth)
         local tv = type(v)
         if tv == "string" then
-            put(encode_string(v))
+            if mode == "strict" and not fmt and not valid_utf8(v) then
+                fail = "cannot send a string that is not valid UTF-8 text as JSON (use the application/msgpack codec for bytes)"
+                return
+            end
+            put(str(v))
         elseif tv == "number" then
             if v ~= v or v == huge or v == -huge then
                 if mode == "strict" then
@@ -179,16 +200,16 @@ local function encoder(mode)
                     put("null")
                 end
             else
-                put(encode_number(v))
+                put(fmt and fmt.number(v) or encode_number(v))
             end
         elseif tv == "boolean" then
-            put(v and "true" or "false")
+            put(fmt and fmt.boolean(v) or (v and "true" or "false"))
         elseif tv == "nil" then
-            put("null")
+            put(fmt and fmt.null() or "null")
         elseif tv == "table" then
             table_value(v, depth)
         elseif mode == "lenient" then
-            put(encode_string(tostring(v)))
+            put(str(tostring(v)))
         else
             fail = "cannot encode a value of type " .. tv
         end
@@ -202,10 +223,11 @@ local function encoder(mode)
             local msg = fail
             buf, fail = nil, nil
             for k in next, seen do seen[k] = nil end
-            return invalid("json.encode: " .. msg)
+            return invalid((fmt and "msgpack.encode: " or "json.encode: ") .. msg)
         end
         local out = concat(buf, "", 1, n)
         buf = nil
+        if fmt then return fmt.transport(out) end
         return out
     end
 end
@@ -400,6 +422,10 @@ local encode_json, encode_strict, encode_lenient = encoder("json"), encoder("str
 
 function M.encode(v) return encode_json(v) end
 function M.encode_strict(v) return encode_strict(v) end
+if mp then
+    local encode_mp = encoder("strict", mp)
+    function M.encode_msgpack(v) return encode_mp(v) end
+end
 function M.encode_lenient(v)
     local s = encode_lenient(v)
     return s or "null"

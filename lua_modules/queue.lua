@@ -1,9 +1,10 @@
 -- queue.lua: the `queue` module (SPEC §5): publish, message, info.
 -- Contract: run once per Lua state by the host with (bridge, json, errors, state); returns
 -- `new(entry_id) -> module`. Arguments are checked here: a wrong argument type raises,
--- every other failure is returned as (nil, err). The body is encoded strictly (a value
--- that cannot travel unchanged is refused with Invalid) and handed to the host as JSON
--- text; the host applies the queue's codec. `state.current` describes the delivery of the
+-- every other failure is returned as (nil, err). The body is encoded here, strictly, in
+-- the queue's codec (asked of the host once per queue): a value that cannot travel
+-- unchanged is refused with Invalid, and with msgpack every Lua string crosses byte for
+-- byte. `options.delay` (seconds or a duration string) is checked by the host. `state.current` describes the delivery of the
 -- handler call running now (set by sandbox.lua's host.deliver; nil elsewhere), and
 -- queue.message() wraps it in a Message object with id/header/headers/body/body_json/
 -- attempt/ack/nack. Settling is single-shot and every method fails once the handler returned.
@@ -110,17 +111,40 @@ end
 local function new(entry_id)
     local M = {}
 
-    function M.publish(queue_id, data, headers)
+    local codecs = {} -- queue ID -> codec name, asked of the host once per queue
+
+    function M.publish(queue_id, data, headers, options)
         if type(queue_id) ~= "string" then
             error("bad argument #1 to 'publish' (queue ID string expected, got " .. type(queue_id) .. ")", 2)
         end
+        if options ~= nil and type(options) ~= "table" then
+            error("bad argument #4 to 'publish' (table of options expected, got " .. type(options) .. ")", 2)
+        end
+        local delay = options and options.delay
+        if delay ~= nil and type(delay) ~= "string" and type(delay) ~= "number" then
+            return fail("Invalid", "queue.publish: options.delay must be a duration string or a number of seconds")
+        end
+        if type(delay) == "string" then delay = clean(delay) end
         local headers_json, herr = check_headers(headers)
         if headers_json == nil then return fail("Invalid", "queue.publish: " .. herr) end
-        local body, err = json.encode_strict(data)
-        if body == nil then
-            return fail("Invalid", "queue.publish: " .. err:message():gsub("^json%.encode: ", ""))
+        queue_id = clean(queue_id)
+        local codec = codecs[queue_id]
+        if codec == nil then
+            local cerr
+            codec, cerr = call_host(bridge.queue_codec, entry_id, queue_id)
+            if codec == nil then return nil, cerr end
+            codecs[queue_id] = codec
         end
-        return call_host(bridge.publish, entry_id, clean(queue_id), body, headers_json)
+        local body, err
+        if codec == "application/msgpack" then
+            body, err = json.encode_msgpack(data)
+        else
+            body, err = json.encode_strict(data)
+        end
+        if body == nil then
+            return fail("Invalid", "queue.publish: " .. err:message():gsub("^json%.encode: ", ""):gsub("^msgpack%.encode: ", ""))
+        end
+        return call_host(bridge.publish, entry_id, queue_id, body, headers_json, delay)
     end
 
     function M.message()

@@ -392,8 +392,12 @@ function host.deliverer(id)
             if not ok then return SETTLED, r1.msg, r1.tb end
             return SETTLED
         end
-        if not ok then return NACK, r1.msg, r1.tb, r1.msg == "not enough memory" and "Memory" or nil end
-        if r2 ~= nil then return NACK, safe_tostring(r2), "" end
+        if not ok then return NACK, r1.msg, r1.tb, r1.msg == "not enough memory" and "Memory" or error_kind(r1) end
+        if r2 ~= nil then
+            local kind = nil
+            if errors.is_error(r2) then local _, k = errors.fields(r2) kind = k end
+            return NACK, safe_tostring(r2), "", kind
+        end
         if r1 == false then return NACK, "handler returned false", "" end
         return ACK
     end

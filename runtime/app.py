@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -14,12 +15,13 @@ from .lifecycle.services import ConsumerService, ProcessService
 from .lifecycle.supervisor import Supervisor
 from .lua.sandbox import LuaSandbox
 from .lua.syntax import check_lua_sources
-from .queue.driver import Driver
+from .queue.driver import Activity, Driver
 from .queue.router import QueueRouter
 from .registry import FunctionSpec, PolicySpec, Registry, display_path, load_registry
 from .registry.kinds import SecurityContext
 
 _security_log = logging.getLogger("runtime.security")
+IDLE_RECHECK = 0.05  # seconds: the longest idle detection waits without a wake-up
 
 
 class App:
@@ -34,8 +36,8 @@ class App:
         if strict_security or self.registry.of_type(PolicySpec):
             self.router.authorize = self._authorize_publish
         self._local = threading.local()
-        self._sandboxes: list[LuaSandbox] = []
-        self._lock = threading.Lock()
+        self._call_sandboxes: weakref.WeakSet[LuaSandbox] = weakref.WeakSet()  # App.call's; stop cancels them
+        self.activity = Activity()  # grows whenever a message moves; idle waits on it
         self._supervisor: Supervisor | None = None
         self._consumers: dict[str, ConsumerService] = {}
         self._past_counts: dict[str, dict[str, int]] = {}  # counts of consumers stopped before
@@ -70,12 +72,8 @@ class App:
     def new_sandbox(self, *, timeout: float | None = None, memory_limit: int | None = None,
                     security: SecurityContext | None = None) -> LuaSandbox:
         """A fresh Lua state wired to this app's queues (one per worker thread); see
-        LuaSandbox for `timeout` and `memory_limit`."""
-        sandbox = LuaSandbox(self.registry, self.router, timeout=timeout, memory_limit=memory_limit,
-                             security=security)
-        with self._lock:
-            self._sandboxes.append(sandbox)
-        return sandbox
+        LuaSandbox for `timeout` and `memory_limit`. Its owner closes it and lets it go."""
+        return LuaSandbox(self.registry, self.router, timeout=timeout, memory_limit=memory_limit, security=security)
 
     def _sandbox(self, timeout: float | None, memory_limit: int | None) -> LuaSandbox:
         """This thread's Lua state for `App.call`, one per set of limits."""
@@ -86,6 +84,7 @@ class App:
         sandbox = cache.get(key)
         if sandbox is None:
             sandbox = cache[key] = self.new_sandbox(timeout=timeout, memory_limit=memory_limit)
+            self._call_sandboxes.add(sandbox)
         return sandbox
 
     def call(self, func_id: str, *args: Any) -> Any:
@@ -116,7 +115,7 @@ class App:
         Raises ConfigError (nothing left running) if a handler cannot be loaded."""
         if self._supervisor is not None:
             return self
-        supervisor = Supervisor(self.registry, self.router, self.new_sandbox, self._drivers)
+        supervisor = Supervisor(self.registry, self.router, self.new_sandbox, self._drivers, self.activity)
         supervisor.start()
         self._supervisor = supervisor
         self._consumers = {s.id: s for s in supervisor.services() if isinstance(s, ConsumerService)}
@@ -126,10 +125,12 @@ class App:
         """IDs of the running services, in start order."""
         return [s.id for s in self._supervisor.services()] if self._supervisor else []
 
-    def publish(self, queue_id: str, data: Any, headers: dict[str, Any] | None = None) -> str:
+    def publish(self, queue_id: str, data: Any, headers: dict[str, Any] | None = None,
+                delay: float | str | None = None) -> str:
         """Publish `data` (encoded by the queue's codec) to a queue; returns the message id.
+        `delay` (seconds or a duration like "5s") keeps it invisible to consumers until then.
         Host-side publishing is the operator's and is not permission-checked."""
-        return self.router.publish_value(queue_id, data, headers)
+        return self.router.publish_value(queue_id, data, headers, delay)
 
     def _idle_now(self) -> bool:
         if self._supervisor is None:
@@ -141,7 +142,7 @@ class App:
 
     def _activity(self) -> int:
         services = self._supervisor.services() if self._supervisor else []
-        return sum(d.version for d in self._drivers.values()) + sum(s.activity() for s in services)
+        return self.activity.value + sum(s.activity() for s in services)
 
     def idle(self) -> bool:
         """Idle as `--until-idle` defines it: every consumed queue empty, nothing in flight,
@@ -155,10 +156,14 @@ class App:
     def wait_idle(self, timeout: float) -> bool:
         """True once idle, False when `timeout` seconds run out first."""
         deadline = time.monotonic() + timeout
+        seen = self.activity.value
         while not self.idle():
-            if time.monotonic() >= deadline:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
                 return False
-            time.sleep(0.002)
+            # Woken by the next message move; the cap covers what moves without one here
+            # (a delay running out, another process's work on a shared queue).
+            seen = self.activity.wait(seen, min(remaining, IDLE_RECHECK))
         return True
 
     def stop(self, timeout: float | None = None) -> None:
@@ -174,9 +179,8 @@ class App:
                     if key != "in_flight":
                         past[key] += value
             self._consumers = {}
-        with self._lock:
-            for sandbox in self._sandboxes:
-                sandbox.close()
+        for sandbox in list(self._call_sandboxes):
+            sandbox.close()  # cancels a time.sleep in App.call on another thread
         if overran:
             raise ShutdownTimeout(f"did not stop in time: {', '.join(overran)} (their messages were returned)")
 

@@ -79,6 +79,16 @@ class QueueUnavailable(RuntimeHostError):
     kind = "Unavailable"
 
 
+class DriverUnavailable(QueueUnavailable, DriverError):
+    """A driver's engine cannot be reached (connection lost, server down). Retryable."""
+
+
+class Canceled(RuntimeHostError):
+    """A blocking call was cut short because its worker is stopping."""
+
+    kind = "Canceled"
+
+
 class InvalidMessage(RuntimeHostError, ValueError):
     """A message (body or headers) cannot be published as given."""
 

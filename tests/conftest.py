@@ -7,6 +7,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -82,21 +83,27 @@ def start() -> Iterator[Callable[[App], App]]:
 
 
 def drain(app: App, queue_id: str) -> list[tuple[Any, Any]]:
-    """Take (and ack) every ready message of a queue: [(message, decoded body)] in order.
-    A body the codec cannot decode is given as its raw bytes."""
+    """Take (and ack) every ready message of a queue: [(message, decoded body)] in order,
+    each message with its delivery's `attempt`. A body the codec cannot decode is given as
+    its raw bytes."""
     bound = app.router.queues[queue_id]
     out: list[tuple[Any, Any]] = []
-    while True:
-        got = bound.driver.get(bound.name, 1000, 0)
-        if not got:
-            return out
-        for d in got:
-            try:
-                value: Any = bound.codec.decode(d.message.body)
-            except ValueError:
-                value = d.message.body
-            out.append((d.message, value))
-            bound.driver.ack(d)
+    consumer = bound.driver.consume(bound.name, "test:drain", 1000)
+    try:
+        while True:
+            got = consumer.fetch(1000, 0)
+            if not got:
+                return out
+            for d in got:
+                try:
+                    value: Any = bound.codec.decode(d.message.body)
+                except ValueError:
+                    value = d.message.body
+                m = d.message
+                out.append((SimpleNamespace(id=m.id, headers=m.headers, body=m.body, attempt=d.attempt), value))
+                consumer.ack(d)
+    finally:
+        consumer.close()
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float) -> bool:
@@ -108,3 +115,15 @@ def wait_for(predicate: Callable[[], bool], timeout: float) -> bool:
             return False
         event.wait(0.005)
     return True
+
+
+def take(bound: Any, max_count: int, wait: float = 0.0) -> list[Any]:
+    """Fetch (and ack) up to `max_count` deliveries of a bound queue, waiting up to `wait`."""
+    consumer = bound.driver.consume(bound.name, "test:take", max_count)
+    try:
+        got = consumer.fetch(max_count, wait)
+        for d in got:
+            consumer.ack(d)
+        return got  # type: ignore[no-any-return]
+    finally:
+        consumer.close()

@@ -35,7 +35,7 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import REPO, drain, write_app
+from conftest import REPO, drain, take, write_app
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -364,11 +364,16 @@ _FIELD_VALUES: dict[str, st.SearchStrategy[Any]] = {
     "policy": st.fixed_dictionaries({}, optional={k: _values for k in ("actions", "resources", "effect",
                                                                        "conditions")}) | _values,
     "groups": _values, "meta": _values, "lifecycle": _lifecycle, "typo_field": _values,
+    "path": _scalars, "synchronous": _scalars, "visibility_timeout": _scalars, "poll_interval": _scalars,
+    "busy_timeout": _scalars, "retry": st.fixed_dictionaries({}, optional={
+        k: _scalars for k in ("initial_delay", "max_delay", "multiplier", "jitter")}) | _values,
 }
 _VALID_NAMES = ["q", "d", "f", "c", "p", "lib", "svc", "pol", "jobs", "x.y"]
 _KIND_FIELDS = {
     "queue.driver.memory": ["lifecycle"],
-    "queue.queue": ["driver", "queue_name", "codec", "options", "driver_options", "dead_letter"],
+    "queue.driver.sqlite": ["lifecycle", "path", "synchronous", "visibility_timeout", "poll_interval",
+                            "busy_timeout"],
+    "queue.queue": ["driver", "queue_name", "codec", "options", "driver_options", "dead_letter", "retry"],
     "queue.consumer": ["queue", "func", "concurrency", "prefetch", "auto_ack", "driver_options", "lifecycle",
                        "timeout", "memory_limit"],
     "function.lua": ["source", "method", "modules", "imports", "timeout", "memory_limit"],
@@ -697,7 +702,7 @@ def test_ten_megabyte_body_goes_through_a_queue_intact(tmp_path: Path, start: Ca
     app.publish("t:jobs", {"blob": blob})
     assert app.wait_idle(IDLE * 3)
     bound = app.router.queues["t:results"]
-    [delivery] = bound.driver.get(bound.name, 1, 1)
+    [delivery] = take(bound, 1, 1)
     seen = bound.codec.decode(delivery.message.body)
     assert seen == {"len": BIG, "head": "head", "tail": "tail", "n_x": BIG - 8}
     stats = worker_stats(app)
@@ -732,18 +737,18 @@ def test_body_the_handler_cannot_receive_is_dead_lettered_not_lost(
     """, codec=codec, dlq_codec=dlq_codec, dead_letter={"queue": "dlq", "max_attempts": 1}))
     bound = app.router.queues["t:jobs"]
     bad = Message.new(raw, {"trace": "x"})
-    bound.driver.put(bound.name, bad, 1.0)
+    bound.driver.publish(bound.name, [bad])
     app.publish("t:jobs", {"n": 1})
     assert app.wait_idle(5), f"not idle (a message is stuck): {app.stats()}"
     assert results(app) == [{"called": True}], "only the good message reaches the handler"
     dl = app.router.queues["t:dlq"]
-    [delivery] = dl.driver.get(dl.name, 10, 0)
+    [delivery] = take(dl, 10)
     dead = delivery.message
     assert dead.id == bad.id and dead.headers["trace"] == "x" and dead.headers["x_attempts"] == 1
     assert phrase in str(dead.headers["x_dead_letter_reason"]), dead.headers
     stats = worker_stats(app)
     assert (stats["acked"], stats["nacked"], stats["dead_lettered"]) == (1, 0, 1)
-    assert queue_stats(app) == {"ready": 0, "in_flight": 0, "message_count": 0, "consumer_count": 1}
+    assert queue_stats(app) == {"ready": 0, "in_flight": 0, "message_count": 0, "delayed": 0, "consumer_count": 1}
     assert host_errors(caplog) == []
 
 
@@ -817,7 +822,7 @@ def test_handler_returning_odd_values_is_acked_or_nacked_and_the_worker_goes_on(
         failures = [r.getMessage() for r in caplog.records if odd_id in r.getMessage()]
         assert failures, "a nacked message is logged"
     assert stats["dead_lettered"] == 0
-    assert queue_stats(app) == {"ready": 0, "in_flight": 0, "message_count": 0, "consumer_count": 1}
+    assert queue_stats(app) == {"ready": 0, "in_flight": 0, "message_count": 0, "delayed": 0, "consumer_count": 1}
     assert host_errors(caplog) == []
 
 

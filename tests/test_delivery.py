@@ -181,7 +181,7 @@ def test_result_mapping(tmp_path: Path, start: Callable[[App], App], result: str
         assert (stats["acked"], stats["nacked"], stats["processed"]) == (1, 1, 2)
     assert {s["id"] for s in seen} == {mid}
     assert stats["dead_lettered"] == 0
-    assert queue_stats(app) == {"ready": 0, "in_flight": 0, "message_count": 0, "consumer_count": 1}
+    assert queue_stats(app) == {"ready": 0, "in_flight": 0, "message_count": 0, "delayed": 0, "consumer_count": 1}
 
 
 def test_failing_message_without_dead_letter_is_redelivered_until_it_succeeds(
@@ -449,7 +449,7 @@ def test_undecodable_body_is_dead_lettered_with_the_decode_error(tmp_path: Path,
     """, queue={"codec": codec, "dead_letter": {"queue": "dlq", "max_attempts": 2}}))
     bound = app.router.queues["t:jobs"]
     bad = Message.new(raw, {"trace": "x"})
-    bound.driver.put(bound.name, bad, 1.0)
+    bound.driver.publish(bound.name, [bad])
     good = app.publish("t:jobs", {"ok": True})
     assert app.wait_idle(IDLE)
     assert results(app) == [{"called": True}], "the handler never sees the undecodable body"
@@ -565,8 +565,8 @@ def test_queue_info_inside_a_handler(tmp_path: Path, start: Callable[[App], App]
     app.publish("t:jobs", {"n": 1})
     assert app.wait_idle(IDLE)
     [seen] = results(app)
-    assert seen["jobs"] == {"ready": 0, "in_flight": 1, "message_count": 1, "consumer_count": 1}
-    assert seen["dlq"] == {"ready": 0, "in_flight": 0, "message_count": 0, "consumer_count": 0}
+    assert seen["jobs"] == {"ready": 0, "in_flight": 1, "message_count": 1, "delayed": 0, "consumer_count": 1}
+    assert seen["dlq"] == {"ready": 0, "in_flight": 0, "message_count": 0, "delayed": 0, "consumer_count": 0}
     assert seen["missing"] is True and seen["kind"] == "NotFound"
 
 
@@ -667,10 +667,11 @@ def test_stop_returns_prefetched_messages_to_the_queue(tmp_path: Path, start: Ca
     assert 2 <= acked < total
     stats = app.stats()
     assert stats["consumers"]["t:worker"]["in_flight"] == 0
-    assert stats["queues"]["t:jobs"] == {"ready": total - acked, "in_flight": 0, "message_count": total - acked,
-                                         "consumer_count": 0}
+    expected = {"ready": total - acked, "in_flight": 0, "message_count": total - acked, "delayed": 0,
+                "consumer_count": 0}
+    assert stats["queues"]["t:jobs"] == expected
     info = app.call("t:info", "jobs")  # queue.info still answers after stop
-    assert info == {"ready": total - acked, "in_flight": 0, "message_count": total - acked, "consumer_count": 0}
+    assert info == expected
     done = {s["n"] for s in results(app)}
     assert len(done) == acked
     left = drain(app, "t:jobs")
@@ -727,7 +728,7 @@ def test_stop_timeout_raises_shutdown_timeout_and_returns_the_message(tmp_path: 
     finally:
         app.stop()
     assert "t:worker" in str(info.value)
-    assert queue_stats(app) == {"ready": 1, "in_flight": 0, "message_count": 1, "consumer_count": 0}
+    assert queue_stats(app) == {"ready": 1, "in_flight": 0, "message_count": 1, "delayed": 0, "consumer_count": 0}
     # Let the abandoned handler finish: its late ack must be ignored.
     for t in threading.enumerate():
         if t.name.startswith("t:worker"):

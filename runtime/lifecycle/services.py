@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Callable
 
-from ..drivers import DRIVERS
+from ..drivers import driver_class
 from ..errors import LuaHandlerError
 from ..lua.sandbox import LuaSandbox
 from ..queue.consumer import ConsumerPool
-from ..queue.driver import Driver
+from ..queue.driver import Activity, Backoff, Driver
+from ..queue.handler import LuaHandler
 from ..queue.router import QueueRouter
-from ..registry import ConsumerSpec, EntrySpec, FunctionSpec, QueueSpec, ServiceSpec
+from ..registry import ConsumerSpec, DriverSpec, EntrySpec, FunctionSpec, QueueSpec, ServiceSpec
 
 log = logging.getLogger("runtime.lifecycle")
 
@@ -29,6 +29,10 @@ class Service:
     def start(self) -> None:
         raise NotImplementedError
 
+    def begin_stop(self) -> None:
+        """Ask the service to stop without waiting (so that every service's handlers get the
+        whole shutdown budget at once); `stop` then waits."""
+
     def stop(self, timeout: float) -> list[str]:
         """Stop; return the names of what overran the timeout."""
         return []
@@ -42,18 +46,26 @@ class Service:
 
 
 class DriverService(Service):
-    """Creates the driver and binds every queue that names it."""
+    """Creates and opens the driver and binds every queue that names it."""
 
-    def __init__(self, spec: EntrySpec, router: QueueRouter, drivers: dict[str, Driver]):
+    spec: DriverSpec
+
+    def __init__(self, spec: DriverSpec, router: QueueRouter, drivers: dict[str, Driver], activity: Activity):
         super().__init__(spec)
         self.router = router
         self.drivers = drivers  # kept by the App: a restarted app finds its memory queues again
+        self.moves = activity
         self.driver: Driver | None = None
 
     def start(self) -> None:
         self.driver = self.drivers.get(self.spec.id)
         if self.driver is None:
-            self.driver = self.drivers[self.spec.id] = DRIVERS[self.spec.kind](self.spec.id)
+            restart = self.spec.lifecycle.restart
+            backoff = Backoff(restart.initial_delay, restart.max_delay) if restart else None
+            self.driver = self.drivers[self.spec.id] = driver_class(self.spec.kind)(
+                self.spec.id, self.spec.options, app_dir=self.router.registry.app_dir, activity=self.moves,
+                backoff=backoff)
+        self.driver.open()
         for queue in self.router.registry.of_type(QueueSpec):
             if queue.driver == self.spec.id:
                 self.router.bind(queue, self.driver)
@@ -80,9 +92,8 @@ class ConsumerService(Service):
         queue = self.router.bound(self.spec.queue)
         dl = queue.spec.dead_letter
         dead_letter = self.router.queues.get(dl.queue) if dl else None
-        if dl is not None and dead_letter is None:
-            log.warning("consumer %s: dead-letter queue %s is not running; failed messages are requeued instead",
-                        self.id, dl.queue)
+        if dl is not None and dead_letter is None:  # its driver is a start dependency: a bug if so
+            raise RuntimeError(f"consumer {self.id}: dead-letter queue {dl.queue} is not running")
         func = self.router.registry.get(self.spec.func, FunctionSpec)
         timeout = self.spec.timeout if self.spec.timeout is not None else (func.timeout if func else None)
         memory = self.spec.memory_limit if self.spec.memory_limit is not None else (func.memory_limit if func else None)
@@ -91,8 +102,15 @@ class ConsumerService(Service):
         def make_sandbox() -> LuaSandbox:
             return self.make_sandbox(timeout=timeout, memory_limit=memory, security=security)
 
-        self.pool = ConsumerPool(self.spec, queue, dead_letter, make_sandbox, timeout)
+        def make_handler() -> LuaHandler:
+            return LuaHandler(make_sandbox, self.spec.func, queue.codec, timeout)
+
+        self.pool = ConsumerPool(self.spec, queue, dead_letter, make_handler)
         self.pool.start()
+
+    def begin_stop(self) -> None:
+        if self.pool is not None:
+            self.pool.begin_stop()
 
     def stop(self, timeout: float) -> list[str]:
         return self.pool.stop(timeout) if self.pool is not None else []
@@ -103,8 +121,7 @@ class ConsumerService(Service):
     def idle(self) -> bool:
         if self.pool is None:
             return True
-        info = self.pool.queue.info()
-        return info["message_count"] == 0 and self.pool.stats()["in_flight"] == 0
+        return self.pool.stats()["in_flight"] == 0 and self.pool.queue.empty()
 
 
 class ProcessService(Service):
@@ -163,10 +180,13 @@ class ProcessService(Service):
         finally:
             self.finished.set()
 
-    def stop(self, timeout: float) -> list[str]:
+    def begin_stop(self) -> None:
         self.stopping.set()
         if self.sandbox is not None:
             self.sandbox.bridge.cancel.set()
+
+    def stop(self, timeout: float) -> list[str]:
+        self.begin_stop()
         if self.thread is not None:
             self.thread.join(timeout)
             if self.thread.is_alive():
@@ -179,12 +199,3 @@ class ProcessService(Service):
     def activity(self) -> int:
         return int(self.finished.is_set())
 
-
-def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.005) -> bool:
-    deadline = time.monotonic() + timeout
-    while True:
-        if predicate():
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(interval)

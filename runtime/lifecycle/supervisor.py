@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 
 from ..errors import ConfigError, LuaHandlerError, Problem
 from ..lua.sandbox import LuaSandbox
-from ..queue.driver import Driver
+from ..queue.driver import Activity, Driver
 from ..queue.router import QueueRouter
-from ..registry import ConsumerSpec, EntrySpec, Registry, ServiceSpec
+from ..registry import ConsumerSpec, DriverSpec, EntrySpec, Registry, ServiceSpec
 from .graph import start_order
 from .services import ConsumerService, DriverService, ProcessService, Service
 
@@ -18,16 +19,17 @@ log = logging.getLogger("runtime.lifecycle")
 
 class Supervisor:
     def __init__(self, registry: Registry, router: QueueRouter, make_sandbox: Callable[..., LuaSandbox],
-                 drivers: dict[str, Driver]):
+                 drivers: dict[str, Driver], activity: Activity):
         self.registry = registry
+        self.activity = activity
         self.drivers = drivers
         self.router = router
         self.make_sandbox = make_sandbox
         self.started: list[Service] = []
 
     def _service(self, spec: EntrySpec) -> Service | None:
-        if spec.kind.startswith("queue.driver."):
-            return DriverService(spec, self.router, self.drivers)
+        if isinstance(spec, DriverSpec):
+            return DriverService(spec, self.router, self.drivers, self.activity)
         if isinstance(spec, ConsumerSpec):
             return ConsumerService(spec, self.router, self.make_sandbox)
         if isinstance(spec, ServiceSpec):
@@ -53,12 +55,18 @@ class Supervisor:
             log.debug("started %s", spec.id)
 
     def stop(self, timeout_override: float | None = None) -> list[str]:
-        """Stop in reverse start order. Returns what overran its stop timeout."""
+        """Stop in reverse start order, under one time budget: every service is asked to stop
+        first, so all handlers drain at once; each then gets what is left of its own
+        `stop_timeout` (or of `timeout_override`), counted from the start of the shutdown.
+        Returns what overran."""
+        begun = time.monotonic()
+        for service in reversed(self.started):
+            service.begin_stop()
         overran: list[str] = []
         while self.started:
             service = self.started.pop()
-            timeout = timeout_override if timeout_override is not None else service.spec.lifecycle.stop_timeout
-            overran += service.stop(timeout)
+            budget = timeout_override if timeout_override is not None else service.spec.lifecycle.stop_timeout
+            overran += service.stop(max(0.0, begun + budget - time.monotonic()))
         return overran
 
     def services(self) -> list[Service]:

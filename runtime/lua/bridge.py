@@ -23,8 +23,10 @@ class QueuePort(Protocol):
     """What the `queue` module needs from the host. Raise RuntimeHostError subclasses
     (their ``kind`` reaches Lua) for failures."""
 
-    def publish(self, caller_id: str, queue_id: str, body_json: str, headers_json: str,
-                security: Any = None) -> str: ...
+    def publish(self, caller_id: str, queue_id: str, body: str, headers_json: str, security: Any = None,
+                delay: Any = None, cancel: threading.Event | None = None) -> str: ...
+
+    def codec_of(self, caller_id: str, queue_id: str) -> str: ...
 
     def info(self, caller_id: str, queue_id: str) -> dict[str, Any]: ...
 
@@ -58,7 +60,7 @@ class Bridge:
 
     def functions(self) -> dict[str, Callable[..., Any]]:
         return {name: safe(getattr(self, name))
-                for name in ("log", "log_enabled", "publish", "queue_info", "sleep", "now", "settle",
+                for name in ("log", "log_enabled", "publish", "queue_codec", "queue_info", "sleep", "now", "settle",
                                              "message_headers", "message_id", "monotonic")}
 
     # logger -----------------------------------------------------------------------------
@@ -82,9 +84,13 @@ class Bridge:
         logger.handle(record)
 
     # queue -------------------------------------------------------------------------------
-    def publish(self, caller_id: str, queue_id: str, body_json: str, headers_json: str) -> bool:
-        self.queues.publish(caller_id, queue_id, body_json, headers_json, self.security)
+    def publish(self, caller_id: str, queue_id: str, body: str, headers_json: str, delay: Any = None) -> bool:
+        # A publish waiting for room in a full queue gives up when the worker is stopping.
+        self.queues.publish(caller_id, queue_id, body, headers_json, self.security, delay, self.cancel)
         return True
+
+    def queue_codec(self, caller_id: str, queue_id: str) -> str:
+        return self.queues.codec_of(caller_id, queue_id)
 
     def queue_info(self, caller_id: str, queue_id: str) -> str:
         return json.dumps(self.queues.info(caller_id, queue_id))

@@ -73,7 +73,7 @@ class LuaSandbox:
             return fn(*args)
 
         errors = run("errors")
-        json = run("json", errors)
+        json = run("json", errors, run("msgpack"))
         clock = run("clock", bridge)
         state.clock = clock
         mods = self.lua.table_from({

@@ -1,27 +1,31 @@
 """A consumer and its worker pool (SPEC §3, §6).
 
-`concurrency` worker threads each own one Lua state with the handler loaded. They share a
-buffer of up to `prefetch` deliveries: a worker that finds the buffer empty refills it from
-the driver (one refill at a time, under a lock), so when every worker is busy and the
-buffer is full nothing more is taken from the driver (backpressure). There is no hand-off
-thread: a worker goes from one message to the next without waiting on another thread.
-A worker's loop body is one `run_once()` step.
+`concurrency` worker threads each own one handler (a Lua state with the handler loaded).
+They share a buffer of up to `prefetch` deliveries: a worker that finds the buffer empty
+refills it from the driver consumer (one refill at a time, under a lock: the driver's
+`fetch` has one caller at a time), so when every worker is busy and the buffer is full
+nothing more is taken from the driver (backpressure). There is no hand-off thread: a
+worker goes from one message to the next without waiting on another thread. A worker's
+loop body is one `run_once()` step. Drivers with leases get a keeper thread that renews
+the leases of everything this pool holds while handlers run.
 """
 
 from __future__ import annotations
 
 import logging
+import random
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ..errors import LuaHandlerError, RuntimeHostError
-from ..lua.sandbox import ACK, SETTLED, UNDECODABLE, LuaSandbox, clean_traceback
+from ..drivers.catalog import driver_key
+from ..errors import DriverUnavailable, LuaHandlerError, RuntimeHostError
+from ..lua.sandbox import clean_traceback
 from ..registry import ConsumerSpec
-from .codecs import JsonCodec
-from .driver import Delivery
+from .driver import Delivery, DriverConsumer
+from .handler import ACK, SETTLED, Handler, Outcome
 from .message import Message
 from .router import BoundQueue
 
@@ -40,7 +44,7 @@ class Counters:
 @dataclass
 class _Worker:
     index: int
-    sandbox: LuaSandbox | None = None
+    handler: Handler | None = None
     thread: threading.Thread | None = None
     current: Delivery | None = None
     counters: Counters = field(default_factory=Counters)
@@ -50,24 +54,27 @@ class ConsumerPool:
     """Runs one `queue.consumer` entry."""
 
     def __init__(self, spec: ConsumerSpec, queue: BoundQueue, dead_letter: BoundQueue | None,
-                 make_sandbox: Callable[[], LuaSandbox], timeout: float | None = None):
-        """`make_sandbox` makes one worker's Lua state (with the consumer's memory limit and
-        security context); `timeout` is the per-call time limit (consumer's, else function's)."""
+                 make_handler: Callable[[], Handler]):
+        """`make_handler` makes one worker's handler (called in the worker's own thread)."""
         self.spec = spec
-        self.timeout = timeout
         self.queue = queue
         self.dead_letter = dead_letter
-        self.make_sandbox = make_sandbox
+        self.make_handler = make_handler
         self.workers = [_Worker(i) for i in range(spec.concurrency)]
+        self.source: DriverConsumer | None = None
         self._buffer: deque[Delivery] = deque()
         self._refill = threading.Lock()
         self._stopping = threading.Event()
-        self._json_body = isinstance(queue.codec, JsonCodec)
+        self._keeper: threading.Thread | None = None
+        self._go = threading.Event()  # workers take messages once the driver consumer exists
         self.started = False
+        self.retry = queue.spec.retry
+        self.reconnecting = False
 
     # -- start -------------------------------------------------------------------------------
     def start(self) -> None:
-        """Start the workers, each loading the handler first; LuaHandlerError if any cannot."""
+        """Start the workers, each loading the handler first; LuaHandlerError if any cannot
+        (then nothing was taken from the queue)."""
         ready = threading.Barrier(len(self.workers) + 1)
         failures: list[LuaHandlerError] = []
         for w in self.workers:
@@ -77,24 +84,35 @@ class ConsumerPool:
         ready.wait()
         if failures:
             self._stopping.set()
+            for w in self.workers:
+                if w.thread is not None:
+                    w.thread.join()
             raise failures[0]
+        self.source = self.queue.driver.consume(self.queue.name, self.spec.id, self.spec.prefetch,
+                                                self.spec.driver_options.get(driver_key(self.queue.driver.kind), {}))
         self.queue.consumers += 1
         self.started = True
+        if self.queue.driver.capabilities.lease:
+            self._keeper = threading.Thread(target=self._keep_leases, daemon=True, name=f"{self.spec.id}#leases")
+            self._keeper.start()
+        self._go.set()
 
     def _worker_main(self, w: _Worker, ready: threading.Barrier, failures: list[LuaHandlerError]) -> None:
         try:
-            w.sandbox = self.make_sandbox()
-            w.sandbox.ensure_loaded(self.spec.func)
+            w.handler = self.make_handler()
         except LuaHandlerError as exc:
             failures.append(exc)
         except Exception as exc:  # noqa: BLE001 - reported as a start failure
             failures.append(LuaHandlerError(f"worker could not start: {exc}", entry_id=self.spec.func))
         ready.wait()
-        if failures:
-            return
-        stopping = self._stopping
-        while not stopping.is_set():
-            self.run_once(w)
+        if not failures:
+            self._go.wait()
+            stopping = self._stopping
+            while not stopping.is_set():
+                self.run_once(w)
+        if w.handler is not None:
+            w.handler.close()
+            w.handler = None  # the pool lets go of its Lua states when it stops
 
     # -- the buffer --------------------------------------------------------------------------
     def _take(self, timeout: float) -> Delivery | None:
@@ -108,11 +126,7 @@ class ConsumerPool:
             return None
         try:
             if not buffer and not self._stopping.is_set():
-                try:
-                    buffer.extend(self.queue.driver.get(self.queue.name, self.spec.prefetch, timeout))
-                except Exception:  # noqa: BLE001 - a driver failure must not kill the worker
-                    log.exception("consumer %s: fetching from queue %s failed", self.spec.id, self.queue.spec.id)
-                    self._stopping.wait(1.0)
+                self._fill(timeout)
         finally:
             self._refill.release()
         try:
@@ -120,14 +134,42 @@ class ConsumerPool:
         except IndexError:
             return None
 
+    def _fill(self, timeout: float) -> None:
+        assert self.source is not None
+        try:
+            self._buffer.extend(self.source.fetch(self.spec.prefetch, timeout))
+        except DriverUnavailable as exc:
+            log.warning("consumer %s: %s; waiting for the driver to reconnect", self.spec.id, exc)
+            self.reconnecting = True
+            try:
+                self.queue.driver.reconnect(self._stopping)
+            finally:
+                self.reconnecting = False
+        except Exception:  # noqa: BLE001 - a driver failure must not kill the worker
+            log.exception("consumer %s: fetching from queue %s failed", self.spec.id, self.queue.spec.id)
+            self._stopping.wait(1.0)
+
+    def _keep_leases(self) -> None:
+        """Renew the leases of every delivery this pool holds (buffered or running), so a
+        slow handler is never handed to another consumer while it runs."""
+        assert self.source is not None
+        lease = float(self.queue.driver.options.get("visibility_timeout") or 30.0)
+        every = max(0.05, lease / 3)
+        while not self._stopping.wait(every):
+            try:
+                self.source.extend(self.source.deliveries(), lease)
+            except RuntimeHostError as exc:
+                log.warning("consumer %s: could not renew leases: %s", self.spec.id, exc)
+
     # -- one step of a worker ------------------------------------------------------------------
     def run_once(self, w: _Worker, timeout: float = POLL) -> bool:
         """Take one delivery and process it. False if none came in time."""
         d = self._take(timeout)
         if d is None:
             return False
+        assert self.source is not None
         if self._stopping.is_set():
-            self.queue.driver.release(d)
+            self.source.release((d,))
             return False
         w.current = d
         try:
@@ -137,141 +179,141 @@ class ConsumerPool:
             try:
                 self._fail(w, d, f"internal error: {type(exc).__name__}: {exc}")
             except Exception:  # noqa: BLE001 - last resort: back to the queue, never stuck in flight
-                log.exception("consumer %s: could not fail message %s; requeueing it", self.spec.id, d.message.id)
-                self.queue.driver.requeue(d, d.message.retried())
+                log.exception("consumer %s: could not fail message %s; returning it", self.spec.id, d.message.id)
+                self.source.release((d,))
         finally:
             w.current = None
             w.counters.processed += 1
         return True
 
     def _process(self, w: _Worker, d: Delivery) -> None:
-        sandbox = w.sandbox
-        assert sandbox is not None
-        msg = d.message
-        driver = self.queue.driver
-        if self.spec.auto_ack:
-            driver.ack(d)
+        handler = w.handler
+        assert handler is not None and self.source is not None
+        if self.spec.auto_ack and self.source.ack(d):
             w.counters.acked += 1
-        bridge = sandbox.bridge
-        bridge.delivery = d
-        bridge.settler = self._settler(w, d)
-        try:
-            if self._json_body:
-                status, error, tb, kind = sandbox.deliver(self.spec.func, msg.body, None, False, msg.attempt,
-                                                          self.timeout)
-            else:
-                try:
-                    value = self.queue.codec.decode(msg.body)
-                except ValueError as exc:
-                    status, error, tb, kind = UNDECODABLE, str(exc), None, None
-                else:
-                    status, error, tb, kind = sandbox.deliver(self.spec.func, msg.body, value, True, msg.attempt,
-                                                              self.timeout)
-        finally:
-            bridge.settler = None
-            bridge.delivery = None
-        if status == ACK:
-            if not self.spec.auto_ack and driver.ack(d):
+        out: Outcome = handler.handle(d, lambda action: self._settle(w, d, action))
+        if out.status == ACK:
+            if not self.spec.auto_ack and self.source.ack(d):
                 w.counters.acked += 1
             return
-        if status == SETTLED:
-            if error:
-                self._log_failure(msg, error, tb, "after settling its message")
+        if out.status == SETTLED:
+            if out.error:
+                self._log_failure(d, out, "after settling its message")
             return
-        what = "could not decode the message body" if status == UNDECODABLE else None
-        if kind == "Memory":
-            what = f"ran out of memory (memory_limit {sandbox.memory_limit} bytes)"
-            self._replace_sandbox(w)
-        self._log_failure(msg, error or "handler failed", tb, what)
+        self._log_failure(d, out, out.what)
         if self.spec.auto_ack:
             return  # at-most-once: already settled, not redelivered
-        self._fail(w, d, error or "handler failed")
-
-    def _replace_sandbox(self, w: _Worker) -> None:
-        """After a memory error the state may stay full: the worker starts a fresh one."""
-        old = w.sandbox
-        w.sandbox = self.make_sandbox()
-        w.sandbox.ensure_loaded(self.spec.func)
-        if old is not None:
-            old.close()
-
-    def _settler(self, w: _Worker, d: Delivery) -> Callable[[str], None]:
-        return lambda action: self._settle(w, d, action)
+        self._fail(w, d, out.error or "handler failed")
 
     def _settle(self, w: _Worker, d: Delivery, action: str) -> None:
+        assert self.source is not None
         if action == "ack":
-            if self.queue.driver.ack(d):
+            if self.source.ack(d):
                 w.counters.acked += 1
         else:
             self._fail(w, d, "nacked by the handler")
 
+    def retry_delay(self, attempt: int) -> float:
+        """The SPEC §6 delay before attempt `attempt + 1`, with jitter."""
+        delay = self.retry.delay(attempt)
+        if delay > 0 and self.retry.jitter:
+            delay *= random.uniform(1 - self.retry.jitter, 1 + self.retry.jitter)
+        return delay
+
     def _fail(self, w: _Worker, d: Delivery, reason: str) -> None:
-        """A failed delivery: requeue with attempt+1, or dead-letter at max_attempts."""
-        msg = d.message
+        """A failed delivery: retried after the queue's delay, or dead-lettered at
+        max_attempts. A dead letter is published first and acked after, so a crash in
+        between duplicates it, never loses it."""
+        assert self.source is not None
         dl = self.queue.spec.dead_letter
-        if dl is not None and self.dead_letter is not None and msg.attempt >= dl.max_attempts:
-            headers = dict(msg.headers)
-            headers.update({"x_dead_letter_reason": reason, "x_original_queue": self.queue.spec.id,
-                            "x_attempts": msg.attempt})
-            body = msg.body
-            if self.dead_letter.codec is not self.queue.codec:
-                try:
-                    body = self.dead_letter.codec.encode(self.queue.codec.decode(body))
-                except Exception:  # noqa: BLE001 - undecodable: kept as the bytes it came with
-                    pass
+        if dl is not None and self.dead_letter is not None and d.attempt >= dl.max_attempts:
             try:
-                self.dead_letter.driver.put(self.dead_letter.name, Message(body, headers, msg.id, msg.attempt),
-                                            timeout=0)
-            except RuntimeHostError:
-                # The dead-letter queue is full: never drop; retry through the queue instead.
-                log.error("dead-letter queue %s is full; message %s is requeued", self.dead_letter.spec.id, msg.id)
-                if self.queue.driver.requeue(d, msg):
+                self._publish_dead_letter(d, reason, dl.max_attempts)
+            except RuntimeHostError as exc:
+                # The dead-letter queue cannot take it now: keep it, retry later.
+                log.warning("consumer %s: dead-letter queue %s cannot take message %s (%s); it is retried later",
+                            self.spec.id, self.dead_letter.spec.id, d.message.id, exc)
+                if self.source.retry(d, max(1.0, self.retry_delay(d.attempt))):
                     w.counters.nacked += 1
                 return
-            if self.queue.driver.ack(d):
+            if self.source.ack(d):
                 w.counters.dead_lettered += 1
             return
-        if self.queue.driver.requeue(d, msg.retried()):
+        if self.source.retry(d, self.retry_delay(d.attempt)):
             w.counters.nacked += 1
 
-    def _log_failure(self, msg: Message, error: str, tb: str | None, what: str | None) -> None:
-        text = f"consumer {self.spec.id}: message {msg.id} (attempt {msg.attempt}) "
-        text += f"{what}: {error}" if what else f"failed: {error}"
-        tb = clean_traceback(tb or "")
+    def _publish_dead_letter(self, d: Delivery, reason: str, max_attempts: int) -> None:
+        assert self.dead_letter is not None
+        msg = d.message
+        headers = dict(msg.headers)
+        headers.update({"x_dead_letter_reason": reason, "x_original_queue": self.queue.spec.id,
+                        "x_attempts": max_attempts})
+        body = msg.body
+        if self.dead_letter.codec is not self.queue.codec:
+            try:
+                body = self.dead_letter.codec.encode(self.queue.codec.decode(body))
+            except Exception:  # noqa: BLE001 - undecodable: kept as the bytes it came with
+                pass
+        # Never bounded by the dead-letter queue's max_length, never waiting (SPEC §6).
+        self.dead_letter.put(Message(body, headers, msg.id), timeout=0, force=True)
+
+    def _log_failure(self, d: Delivery, out: Outcome, what: str | None) -> None:
+        error = out.error or "handler failed"
+        text = f"consumer {self.spec.id}: message {d.message.id} (attempt {d.attempt}) "
+        text += f"{what}: " if what else "failed: "
+        text += f"[{out.kind or 'Internal'}] {error}"
+        tb = clean_traceback(out.traceback or "")
         if tb:
             text += "\n" + tb
-        log.warning(text, extra={"entry": self.spec.func, "lua_file": "", "lua_line": 0})
+        log.warning(text, extra={"entry": self.spec.func, "lua_file": "", "lua_line": 0,
+                                 "fields": {"error_kind": out.kind or "Internal", "message_id": d.message.id,
+                                            "attempt": d.attempt}})
 
     # -- stop ----------------------------------------------------------------------------------
+    def begin_stop(self) -> None:
+        """(1) take no new deliveries, (2) cancel what running handlers wait for."""
+        self._stopping.set()
+        self._go.set()
+        for w in self.workers:
+            handler = w.handler
+            cancel = getattr(handler, "cancel", None)
+            if cancel is not None:
+                cancel()
+
     def stop(self, timeout: float) -> list[str]:
         """Graceful shutdown (SPEC §3). Returns the names of workers that overran `timeout`
         (their messages are back in the queue)."""
         deadline = time.monotonic() + timeout
-        self._stopping.set()  # (1) take no new deliveries
-        for w in self.workers:  # (2) cancel: time.sleep returns Canceled
-            if w.sandbox is not None:
-                w.sandbox.bridge.cancel.set()
+        self.begin_stop()
         for w in self.workers:  # (3) wait for in-flight handlers
             if w.thread is not None:
                 w.thread.join(max(0.0, deadline - time.monotonic()))
-        self._return_buffered()  # (4) prefetched, never started: back unchanged
         overran = []
-        for w in self.workers:  # (5) abandoned handlers: their messages go back too
-            d = w.current
-            if w.thread is not None and w.thread.is_alive() and d is not None:
-                self.queue.driver.release(d)  # its late ack will find nothing to settle
-                overran.append(f"{self.spec.id}#{w.index}")
+        if self.source is not None:
+            self._return_buffered()  # (4) prefetched, never started: back unchanged
+            for w in self.workers:  # (5) abandoned handlers: their messages go back too
+                d = w.current
+                if w.thread is not None and w.thread.is_alive() and d is not None:
+                    self.source.release((d,))  # its late ack will find nothing to settle
+                    overran.append(f"{self.spec.id}#{w.index}")
+            if self._keeper is not None:
+                self._keeper.join(1.0)
+            try:
+                self.source.close()
+            except RuntimeHostError as exc:
+                log.warning("consumer %s: closing its driver consumer failed: %s", self.spec.id, exc)
         if self.started:
             self.queue.consumers -= 1
             self.started = False
         return overran
 
     def _return_buffered(self) -> None:
+        assert self.source is not None
         with self._refill:
             pending = list(self._buffer)
             self._buffer.clear()
-        for d in reversed(pending):  # released to the head: keep their order
-            self.queue.driver.release(d)
+        if pending:
+            self.source.release(pending)  # back to the head, in their order
 
     # -- stats -------------------------------------------------------------------------------
     def stats(self) -> dict[str, int]:
@@ -287,5 +329,3 @@ class ConsumerPool:
         in_flight += len(self._buffer)
         return {"acked": total.acked, "nacked": total.nacked, "dead_lettered": total.dead_lettered,
                 "in_flight": in_flight, "processed": total.processed}
-
-

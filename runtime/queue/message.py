@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 HeaderValue = str | int | float | bool
@@ -23,13 +23,11 @@ def new_id() -> str:
 class Message:
     """One message as drivers store it. `body` is already encoded by the queue's codec.
 
-    `id` is kept across redeliveries; `attempt` is 1 on first delivery and grows by one with
-    every nack."""
+    `id` is kept across redeliveries. The attempt number is the driver's, on the Delivery."""
 
     body: bytes
     headers: dict[str, HeaderValue] = field(default_factory=dict)
     id: str = field(default_factory=new_id)
-    attempt: int = 1
 
     @classmethod
     def new(cls, body: bytes, headers: dict[str, HeaderValue] | None = None) -> Message:
@@ -37,7 +35,3 @@ class Message:
         if headers:
             all_headers.update(headers)
         return cls(body, all_headers, new_id())
-
-    def retried(self) -> Message:
-        """The same message for its next delivery attempt."""
-        return replace(self, attempt=self.attempt + 1)

@@ -14,8 +14,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..drivers.catalog import driver_key
 from ..errors import InvalidMessage, QueueNotFound, QueueUnavailable
-from ..registry import QueueSpec, Registry
+from ..registry import QueueSpec, Registry, parse_duration
 from .codecs import Codec, get_codec
 from .driver import Driver
 from .message import HeaderValue, Message
@@ -38,15 +39,22 @@ class BoundQueue:
     def name(self) -> str:
         return self.spec.queue_name
 
-    def put(self, message: Message, timeout: float) -> None:
+    def put(self, message: Message, timeout: float, cancel: threading.Event | None = None,
+            delay: float = 0.0, force: bool = False) -> None:
         if not self.accepting:
             raise QueueUnavailable(f"queue '{self.spec.id}' is stopped")
-        self.driver.put(self.name, message, timeout)
+        self.driver.publish(self.name, (message,), timeout, cancel, delay=delay, force=force)
 
-    def info(self) -> dict[str, int]:
-        ready, in_flight = self.driver.stats(self.name)
-        return {"ready": ready, "in_flight": in_flight, "message_count": ready + in_flight,
+    def info(self) -> dict[str, Any]:
+        st = self.driver.stats(self.name)
+        count = st.ready + st.in_flight if st.ready is not None and st.in_flight is not None else None
+        return {"ready": st.ready, "in_flight": st.in_flight, "delayed": st.delayed, "message_count": count,
                 "consumer_count": self.consumers}
+
+    def empty(self) -> bool:
+        """Nothing ready, in flight or waiting for a delay (as the driver counts)."""
+        st = self.driver.stats(self.name)
+        return not st.ready and not st.in_flight and not st.delayed
 
 
 def check_headers(headers: dict[str, Any] | None) -> dict[str, HeaderValue]:
@@ -92,7 +100,7 @@ class QueueRouter:
         self.authorize: Callable[[Any, str, str], None] | None = None
 
     def bind(self, spec: QueueSpec, driver: Driver) -> BoundQueue:
-        driver.declare(spec.queue_name, dict(spec.driver_options.get(_driver_key(driver), {}) or {}))
+        driver.declare(spec.queue_name, dict(spec.driver_options.get(driver_key(driver.kind), {}) or {}))
         bound = BoundQueue(spec, driver, get_codec(spec.codec))
         self.queues[spec.id] = bound
         return bound
@@ -112,27 +120,42 @@ class QueueRouter:
         return bound
 
     # -- from Python (App.publish, CLI) ------------------------------------------------------
-    def publish_value(self, queue_id: str, data: Any, headers: dict[str, Any] | None = None) -> str:
+    def publish_value(self, queue_id: str, data: Any, headers: dict[str, Any] | None = None,
+                      delay: float | str | None = None) -> str:
         bound = self.bound(queue_id)
         message = Message.new(bound.codec.encode(data), check_headers(headers))
-        bound.put(message, self.publish_timeout)
+        bound.put(message, self.publish_timeout, delay=check_delay(delay))
         return message.id
 
     # -- from Lua (QueuePort) ---------------------------------------------------------------
-    def publish(self, caller_id: str, queue_id: str, body_json: str, headers_json: str,
-                security: Any = None) -> str:
+    def codec_of(self, caller_id: str, queue_id: str) -> str:
+        """The codec name of a queue, so Lua encodes the body itself (byte for byte)."""
+        return get_codec(self.spec(queue_id, caller_id.split(":", 1)[0]).codec).name
+
+    def publish(self, caller_id: str, queue_id: str, body: str, headers_json: str, security: Any = None,
+                delay: Any = None, cancel: threading.Event | None = None) -> str:
+        """`body` is the queue codec's encoding made in Lua; for binary codecs its bytes come
+        as the code points 0-255 of a str (lupa hands Lua strings over as UTF-8 text)."""
         bound = self.bound(queue_id, caller_id.split(":", 1)[0])
         if self.authorize is not None:
             self.authorize(security, caller_id, bound.spec.id)
         headers = json.loads(headers_json) if headers_json else {}
-        message = Message.new(bound.codec.encode_json_text(body_json), headers)
-        bound.put(message, self.publish_timeout)
+        message = Message.new(bound.codec.from_lua(body), headers)
+        bound.put(message, self.publish_timeout, cancel, delay=check_delay(delay))
         return message.id
 
     def info(self, caller_id: str, queue_id: str) -> dict[str, Any]:
         return self.bound(queue_id, caller_id.split(":", 1)[0]).info()
 
 
-def _driver_key(driver: Driver) -> str:
-    """The `driver_options` key for a driver: `memory` for queue.driver.memory."""
-    return driver.kind.rsplit(".", 1)[-1]
+def check_delay(delay: Any) -> float:
+    """A publish delay (seconds or a duration string like "5s") as float seconds."""
+    if delay is None:
+        return 0.0
+    try:
+        seconds = parse_duration(delay)
+    except ValueError as exc:
+        raise InvalidMessage(f"delay: {exc}") from None
+    if not math.isfinite(seconds) or seconds < 0:
+        raise InvalidMessage("delay must be a finite duration of 0 or more")
+    return seconds

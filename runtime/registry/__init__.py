@@ -15,15 +15,16 @@ from .fields import Ref, parse_duration, parse_size, suggest
 from .kinds import (
     KIND_PARSERS,
     ConsumerSpec,
+    DriverSpec,
     EntrySpec,
     FunctionSpec,
     LibrarySpec,
     LuaCodeSpec,
     LuaSource,
-    MemoryDriverSpec,
     PolicySpec,
     ProcessSpec,
     QueueSpec,
+    RetryPolicy,
     ServiceSpec,
 )
 from .sources import display_path, find_definition_files, read_definition_file
@@ -31,7 +32,7 @@ from .validate import check_cycles, check_refs, dependency_graph
 
 __all__ = [
     "Registry", "load_registry", "EntrySpec", "ConsumerSpec", "FunctionSpec", "LibrarySpec",
-    "LuaCodeSpec", "LuaSource", "MemoryDriverSpec", "PolicySpec", "ProcessSpec", "QueueSpec",
+    "LuaCodeSpec", "LuaSource", "DriverSpec", "RetryPolicy", "PolicySpec", "ProcessSpec", "QueueSpec",
     "ServiceSpec", "parse_duration", "parse_size", "display_path",
 ]
 

@@ -7,12 +7,15 @@ in :mod:`runtime.registry.validate`.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..drivers.catalog import DRIVER_KINDS as DRIVER_CATALOG
 from ..errors import Problem
+from .drivers import read_driver_options, read_options
 from .fields import FieldReader, Ref, suggest
 from .sources import RawEntry, SourceText
 from .yaml_lines import LineList
@@ -91,8 +94,30 @@ class LuaSource:
 
 
 @dataclass(frozen=True)
-class MemoryDriverSpec(EntrySpec):
-    pass
+class DriverSpec(EntrySpec):
+    """A `queue.driver.*` entry; `options` holds its fields, typed by the driver catalog."""
+
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """The delay before a nacked message is delivered again (SPEC §6)."""
+
+    initial_delay: float = 0.1
+    max_delay: float = 30.0
+    multiplier: float = 2.0
+    jitter: float = 0.1
+
+    def delay(self, attempt: int) -> float:
+        """Seconds to wait before attempt `attempt + 1`, without jitter."""
+        if self.initial_delay <= 0:
+            return 0.0
+        try:
+            base = self.initial_delay * self.multiplier ** max(0, attempt - 1)
+        except OverflowError:
+            base = self.max_delay
+        return min(self.max_delay, base)
 
 
 @dataclass(frozen=True)
@@ -109,6 +134,7 @@ class QueueSpec(EntrySpec):
     options: dict[str, Any]
     driver_options: dict[str, Any]
     dead_letter: DeadLetter | None
+    retry: RetryPolicy = RetryPolicy()
 
 
 @dataclass(frozen=True)
@@ -262,11 +288,38 @@ def _lua_code(r: FieldReader, raw: RawEntry, *, default_method: str | None = Non
             "modules": tuple(modules), "imports": imports}
 
 
-def parse_memory_driver(raw: RawEntry, problems: list[Problem], refs: list[Ref]) -> EntrySpec:
+def parse_driver(raw: RawEntry, problems: list[Problem], refs: list[Ref]) -> EntrySpec:
     r = _reader(raw, problems, refs)
-    spec = MemoryDriverSpec(**_common(r, raw))
+    common = _common(r, raw)
+    options = read_options(r, DRIVER_CATALOG[raw.kind].fields)
     r.finish()
-    return spec
+    return DriverSpec(**common, options=options)
+
+
+def _retry(r: FieldReader) -> RetryPolicy:
+    rs = r.sub("retry")
+    if rs is None:
+        return RetryPolicy()
+    d = RetryPolicy()
+    values = {}
+    for key in ("initial_delay", "max_delay"):
+        value = rs.duration(key, getattr(d, key))
+        if value is None or not math.isfinite(value) or value < 0:
+            rs.problem(key, "must be a finite duration of 0 or more")
+            value = getattr(d, key)
+        values[key] = value
+    for key, low, high in (("multiplier", 1.0, 100.0), ("jitter", 0.0, 1.0)):
+        raw_value = rs._get(key, False)
+        value = getattr(d, key)
+        if raw_value is not None:
+            if isinstance(raw_value, bool) or not isinstance(raw_value, (int, float)) \
+                    or not low <= raw_value <= high:
+                rs.problem(key, f"must be a number from {low:g} to {high:g}")
+            else:
+                value = float(raw_value)
+        values[key] = value
+    rs.finish()
+    return RetryPolicy(**values)
 
 
 def parse_queue(raw: RawEntry, problems: list[Problem], refs: list[Ref]) -> EntrySpec:
@@ -283,30 +336,16 @@ def parse_queue(raw: RawEntry, problems: list[Problem], refs: list[Ref]) -> Entr
         dl.finish()
         if dl_queue:
             dead_letter = DeadLetter(dl_queue, max_attempts)
-    driver_options = r.mapping("driver_options")
-    _check_memory_options(r, driver_options)
+    driver_options = read_driver_options(r, "queue")
     spec = QueueSpec(
         **common, driver=driver,
         queue_name=r.text("queue_name", default=raw.name) or raw.name,
         codec=r.text("codec", default="json/plain", choices=CODECS) or "json/plain",
         options=r.mapping("options"), driver_options=driver_options, dead_letter=dead_letter,
+        retry=_retry(r),
     )
     r.finish()
     return spec
-
-
-def _check_memory_options(r: FieldReader, driver_options: dict[str, Any]) -> None:
-    memory = driver_options.get("memory")
-    if memory is None:
-        return
-    if not isinstance(memory, dict):
-        r.problem("driver_options", "'memory' options must be a mapping")
-        return
-    for key, value in memory.items():
-        if key != "max_length":
-            r.problem("driver_options", f"unknown memory driver option '{key}' (known: max_length)")
-        elif isinstance(value, bool) or not isinstance(value, int):
-            r.problem("driver_options", "memory.max_length must be a whole number")
 
 
 def parse_consumer(raw: RawEntry, problems: list[Problem], refs: list[Ref]) -> EntrySpec:
@@ -318,7 +357,7 @@ def parse_consumer(raw: RawEntry, problems: list[Problem], refs: list[Ref]) -> E
         concurrency=r.number("concurrency", default=1, maximum=MAX_CONCURRENCY, nonpositive_is_default=True),
         prefetch=r.number("prefetch", default=10, maximum=MAX_PREFETCH, nonpositive_is_default=True),
         auto_ack=r.flag("auto_ack", False),
-        driver_options=r.mapping("driver_options"),
+        driver_options=read_driver_options(r, "consumer"),
         timeout=r.duration("timeout"),
         memory_limit=r.size("memory_limit"),
     )
@@ -414,7 +453,7 @@ def parse_policy(raw: RawEntry, problems: list[Problem], refs: list[Ref]) -> Ent
 Parser = Callable[[RawEntry, list[Problem], list[Ref]], EntrySpec]
 
 KIND_PARSERS: dict[str, Parser] = {
-    "queue.driver.memory": parse_memory_driver,
+    **{kind: parse_driver for kind in DRIVER_CATALOG},
     "queue.queue": parse_queue,
     "queue.consumer": parse_consumer,
     "function.lua": parse_function,
@@ -425,4 +464,4 @@ KIND_PARSERS: dict[str, Parser] = {
     "security.policy": parse_policy,
 }
 
-SERVICE_KINDS = ("queue.driver.memory", "queue.consumer", "process.service")
+SERVICE_KINDS = (*DRIVER_CATALOG, "queue.consumer", "process.service")

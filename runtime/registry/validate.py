@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..errors import Problem
 from .fields import Ref, suggest
-from .kinds import EntrySpec
+from .kinds import ConsumerSpec, EntrySpec, QueueSpec
 
 
 def kind_matches(kind: str, accepted: tuple[str, ...]) -> bool:
@@ -40,6 +40,16 @@ def dependency_graph(entries: dict[str, EntrySpec], refs: list[Ref]) -> dict[str
         if ref.dependency and ref.target in entries and ref.source_id in graph and ref.target != ref.source_id:
             if ref.target not in graph[ref.source_id]:
                 graph[ref.source_id].append(ref.target)
+    # A consumer dead-letters into its queue's dead-letter queue: that queue's driver must be
+    # running before the consumer takes its first message (SPEC §6).
+    for eid, spec in entries.items():
+        if isinstance(spec, ConsumerSpec):
+            queue = entries.get(spec.queue)
+            dl = queue.dead_letter if isinstance(queue, QueueSpec) else None
+            dl_queue = entries.get(dl.queue) if dl is not None else None
+            if isinstance(dl_queue, QueueSpec) and dl_queue.driver in entries \
+                    and dl_queue.driver not in graph[eid]:
+                graph[eid].append(dl_queue.driver)
     return {k: tuple(v) for k, v in graph.items()}
 
 
