@@ -70,6 +70,7 @@ class ConsumerPool:
         self.started = False
         self.retry = queue.spec.retry
         self.reconnecting = False
+        self._counted = False  # this pool is in its queue's consumer_count
 
     # -- start -------------------------------------------------------------------------------
     def start(self) -> None:
@@ -88,14 +89,20 @@ class ConsumerPool:
                 if w.thread is not None:
                     w.thread.join()
             raise failures[0]
-        self.source = self.queue.driver.consume(self.queue.name, self.spec.id, self.spec.prefetch,
-                                                self.spec.driver_options.get(driver_key(self.queue.driver.kind), {}))
-        self.queue.consumers += 1
+        self.prepare()
         self.started = True
         if self.queue.driver.capabilities.lease:
             self._keeper = threading.Thread(target=self._keep_leases, daemon=True, name=f"{self.spec.id}#leases")
             self._keeper.start()
         self._go.set()
+
+    def prepare(self) -> None:
+        """Open the pool's driver consumer (what `start` does before the workers take
+        messages); tests call it to drive `run_once` by hand."""
+        self.source = self.queue.driver.consume(self.queue.name, self.spec.id, self.spec.prefetch,
+                                                self.spec.driver_options.get(driver_key(self.queue.driver.kind), {}))
+        self.queue.consumers += 1
+        self._counted = True
 
     def _worker_main(self, w: _Worker, ready: threading.Barrier, failures: list[LuaHandlerError]) -> None:
         try:
@@ -302,9 +309,10 @@ class ConsumerPool:
                 self.source.close()
             except RuntimeHostError as exc:
                 log.warning("consumer %s: closing its driver consumer failed: %s", self.spec.id, exc)
-        if self.started:
+        if self._counted:
             self.queue.consumers -= 1
-            self.started = False
+            self._counted = False
+        self.started = False
         return overran
 
     def _return_buffered(self) -> None:
