@@ -57,7 +57,8 @@ def to_lua(lua: Any, value: Any, depth: int = 0) -> Any:
     if isinstance(value, dict):
         out = {}
         for k, v in value.items():
-            if not isinstance(k, (str, int, float)) or (isinstance(k, float) and math.isnan(k)):
+            # bytes: a msgpack bin key, which is how a Lua string key that is not UTF-8 travels.
+            if not isinstance(k, (str, bytes, int, float)) or (isinstance(k, float) and math.isnan(k)):
                 raise TypeError(f"cannot pass a dict key of type {type(k).__name__} to Lua")
             if isinstance(k, str):
                 _check_str(k)
