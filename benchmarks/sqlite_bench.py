@@ -14,6 +14,8 @@ for NORMAL its storage is subclassed to set the same pragma, since Huey only off
   by one fetch at a time under a lock, each delivery acked). Huey: the same threads call
   `huey.dequeue()` + `huey.execute(task)` on a no-op task (results off), which is its
   consumer's inner loop without the polling sleeps.
+* consume with a backlog: the same with 1 thread, N messages taken from the head of a queue
+  holding N + 200,000 (a claim must not scan what waits behind it).
 * publish: 4 threads publishing N messages in all, one per call (ours: concurrent calls share
   a commit; Huey: one transaction per enqueue).
 * end to end: one publisher thread publishing N messages one call each (one commit each:
@@ -81,21 +83,22 @@ def _pool(consumer: Any, threads: int, n: int) -> list[threading.Thread]:
     return ts
 
 
-def ours_consume(sync: str, n: int, threads: int) -> dict[str, Any]:
+def ours_consume(sync: str, n: int, threads: int, backlog: int = 0) -> dict[str, Any]:
     from runtime.queue.message import Message
 
     with tempfile.TemporaryDirectory(prefix="rt-sqlite-bench-") as tmp:
         d = _driver(Path(tmp), sync)
-        for i in range(0, n, 1000):
-            d.publish("q", [Message.new(BODY) for _ in range(min(1000, n - i))])
+        total = n + backlog
+        for i in range(0, total, 1000):
+            d.publish("q", [Message.new(BODY) for _ in range(min(1000, total - i))])
         consumer = d.consume("q", "bench", PREFETCH)
         t0 = time.perf_counter()
         for t in _pool(consumer, threads, n):
             t.join()
-        stats = d.stats("q")  # writes the last acks
+        consumer.close()  # writes the last acks (and returns the prefetched rest of a backlog)
         seconds = time.perf_counter() - t0
-        assert (stats.ready, stats.in_flight, stats.delayed) == (0, 0, 0), stats
-        consumer.close()
+        stats = d.stats("q")
+        assert (stats.ready, stats.in_flight, stats.delayed) == (backlog, 0, 0), stats
         d.close()
     return {"consume_per_s": n / seconds, "seconds": seconds}
 
@@ -202,18 +205,18 @@ def _huey_workers(huey: Any, threads: int, n: int, wait_when_empty: bool) -> lis
     return ts
 
 
-def huey_consume(sync: str, n: int, threads: int) -> dict[str, Any]:
+def huey_consume(sync: str, n: int, threads: int, backlog: int = 0) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="rt-huey-bench-") as tmp:
         huey, noop = _huey(Path(tmp), sync)
-        rows = [("bench", huey.serialize_task(noop.s(i)), 0) for i in range(n)]
+        rows = [("bench", huey.serialize_task(noop.s(i)), 0) for i in range(n + backlog)]
         with huey.storage.db(commit=True) as cur:  # preload in one transaction (not timed)
             cur.executemany("insert into task (queue, data, priority) values (?, ?, ?)", rows)
-        assert huey.pending_count() == n
+        assert huey.pending_count() == n + backlog
         t0 = time.perf_counter()
         for t in _huey_workers(huey, threads, n, wait_when_empty=False):
             t.join()
         seconds = time.perf_counter() - t0
-        assert huey.pending_count() == 0
+        assert huey.pending_count() == backlog
         huey.storage.close()
     return {"consume_per_s": n / seconds, "seconds": seconds}
 
@@ -284,6 +287,8 @@ def in_subprocess(name: str, **kwargs: Any) -> dict[str, Any]:
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.sqlite_bench")
     parser.add_argument("--n", type=int, default=20_000, help="messages per measurement")
+    parser.add_argument("--backlog", type=int, default=200_000,
+                        help="messages left in the queue behind the consumed ones (the backlog row)")
     parser.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "sqlite_results.json")
     args = parser.parse_args()
     try:
@@ -294,7 +299,8 @@ def main() -> int:
     started = time.perf_counter()
     import sqlite3
 
-    results: dict[str, Any] = {"n": args.n, "sqlite_version": sqlite3.sqlite_version, "modes": {}}
+    results: dict[str, Any] = {"n": args.n, "backlog": args.backlog, "sqlite_version": sqlite3.sqlite_version,
+                               "modes": {}}
     for sync in ("full", "normal"):
         m: dict[str, Any] = {"consume": {}, "end_to_end": {}, "publish": {}}
         for c in (1, 2, 4):
@@ -302,6 +308,8 @@ def main() -> int:
                                "huey": in_subprocess("huey_consume", sync=sync, n=args.n, threads=c)}
         m["end_to_end"][2] = {"ours": in_subprocess("ours_end_to_end", sync=sync, n=args.n, threads=2),
                               "huey": in_subprocess("huey_end_to_end", sync=sync, n=args.n, threads=2)}
+        m["backlog"] = {"ours": in_subprocess("ours_consume", sync=sync, n=args.n, threads=1, backlog=args.backlog),
+                        "huey": in_subprocess("huey_consume", sync=sync, n=args.n, threads=1, backlog=args.backlog)}
         m["publish"][4] = {"ours": in_subprocess("ours_publish", sync=sync, n=args.n, threads=4),
                            "huey": in_subprocess("huey_publish", sync=sync, n=args.n, threads=4)}
         results["modes"][sync] = m
@@ -322,6 +330,11 @@ def print_table(results: dict[str, Any]) -> None:
             ours, huey = r["ours"]["consume_per_s"], r["huey"]["consume_per_s"]
             ratios.append(ours / huey)
             print(f"  {sync:11} {'consume, ' + str(c) + ' thr':18} {ours:>11,.0f} {huey:>11,.0f} {ours / huey:>6.1f}x")
+        r = m["backlog"]
+        ours, huey = r["ours"]["consume_per_s"], r["huey"]["consume_per_s"]
+        ratios.append(ours / huey)
+        label = f"consume, {results['backlog'] // 1000}k behind"
+        print(f"  {sync:11} {label:18} {ours:>11,.0f} {huey:>11,.0f} {ours / huey:>6.1f}x")
         for c, r in m["end_to_end"].items():
             ours, huey = r["ours"]["end_to_end_per_s"], r["huey"]["end_to_end_per_s"]
             print(f"  {sync:11} {'end to end, ' + str(c) + ' thr':18} {ours:>11,.0f} {huey:>11,.0f} "

@@ -88,7 +88,9 @@ class SqliteDriver(Driver):
         self.poll_interval = _seconds(o, "poll_interval", 0.1, entry_id)
         self.busy_timeout = _seconds(o, "busy_timeout", 5.0, entry_id, allow_zero=True)
         self._lock = threading.Lock()  # the connection
-        self._conn: Any = None  # sqlite3.Connection while open
+        self._conn: Any = None  # sqlite3.Connection while open: every write, claims
+        self._read_lock = threading.Lock()
+        self._reader: Any = None  # a second connection for counts, so they never hold up writes
         self._pubs: deque[_PublishOp] = deque()  # publishes waiting for a commit
         self._settles: deque[tuple[int, str, int, int, float]] = deque()  # (op, queue, seq, claim, visible_at)
         self._limits: dict[str, int] = {}  # queue -> max_length (0: unbounded)
@@ -107,30 +109,54 @@ class SqliteDriver(Driver):
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise SqliteUnavailable(f"cannot create {self.path.parent}: {exc}") from None
+        conn = self._connect()
         try:
-            conn = sqlite3.connect(str(self.path), timeout=self.busy_timeout, isolation_level=None,
-                                   check_same_thread=False, cached_statements=64)
-        except sqlite3.Error as exc:
-            raise unavailable(exc) or DriverError(f"driver {self.entry_id}: {self.path}: {exc}") from None
-        try:
-            conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
-            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-            if str(mode).lower() != "wal":
-                raise DriverError(f"driver {self.entry_id}: {self.path}: cannot use WAL mode (got {mode!r})")
+            self._set_wal(conn)
             conn.execute(f"PRAGMA synchronous = {self.synchronous.upper()}")
             sql.migrate(conn, str(self.path))
+            reader = self._connect()
         except BaseException as exc:
             conn.close()
-            if isinstance(exc, SchemaError):
-                raise DriverError(f"driver {self.entry_id}: {exc}") from None
-            if isinstance(exc, sqlite3.Error):
-                raise unavailable(exc) or DriverError(f"driver {self.entry_id}: {self.path}: {exc}") from None
-            raise
+            raise self._open_error(exc) from None
         with self._lock:
             self._conn = conn
+        with self._read_lock:
+            self._reader = reader
         self._bg_stop.clear()
         self._bg = threading.Thread(target=self._background, name=f"sqlite-driver {self.entry_id}", daemon=True)
         self._bg.start()
+
+    def _connect(self) -> sqlite3.Connection:
+        try:
+            conn = sqlite3.connect(str(self.path), timeout=self.busy_timeout, isolation_level=None,
+                                   check_same_thread=False, cached_statements=64)
+            conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
+            return conn
+        except BaseException as exc:
+            raise self._open_error(exc) from None
+
+    def _open_error(self, exc: BaseException) -> BaseException:
+        if isinstance(exc, SchemaError):
+            return DriverError(f"driver {self.entry_id}: {exc}")
+        if isinstance(exc, sqlite3.Error):
+            return unavailable(exc) or DriverError(f"driver {self.entry_id}: {self.path}: {exc}")
+        return exc
+
+    def _set_wal(self, conn: sqlite3.Connection) -> None:
+        """WAL mode. Switching a new database needs a moment alone with it: another process
+        opening it at the same time gets "locked" at once, not after busy_timeout."""
+        deadline = time.monotonic() + self.busy_timeout
+        pause = threading.Event()
+        while True:
+            try:
+                mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+                break
+            except sqlite3.OperationalError as exc:
+                if getattr(exc, "sqlite_errorcode", 0) & 0xFF not in (5, 6) or time.monotonic() >= deadline:
+                    raise
+                pause.wait(0.01)
+        if str(mode).lower() != "wal":
+            raise DriverError(f"driver {self.entry_id}: {self.path}: cannot use WAL mode (got {mode!r})")
 
     def _close(self) -> None:
         if self._bg is not None:
@@ -149,6 +175,10 @@ class SqliteDriver(Driver):
                             "back after their lease", self.entry_id, len(self._settles), exc)
             self._conn.close()
             self._conn = None
+        with self._read_lock:
+            if self._reader is not None:
+                self._reader.close()
+                self._reader = None
 
     # -- queues and publishing ----------------------------------------------------------------
     def _declare(self, queue: str, options: dict[str, Any]) -> None:
@@ -250,12 +280,15 @@ class SqliteDriver(Driver):
             return self._flush_locked(work)  # type: ignore[return-value]
 
     def _read(self, work: Callable[[Any], T]) -> T:
-        """Run `work` on the connection after writing what is pending (so counts are exact)."""
+        """Run `work` on the reading connection after writing what is pending (so counts are
+        exact). In WAL mode a reader never waits for writers nor holds them up."""
         with self._lock:
             self._flush_locked()
-            conn = self._connection()
+        with self._read_lock:
+            if self._reader is None:
+                raise SqliteUnavailable(f"driver {self.entry_id} is not open")
             try:
-                return work(conn)
+                return work(self._reader)
             except sqlite3.Error as exc:
                 raise unavailable(exc) or exc from None
 
