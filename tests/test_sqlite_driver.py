@@ -163,7 +163,11 @@ def test_unstorable_headers_are_invalid_message(make: Callable[..., SqliteDriver
     d = make()
     with pytest.raises(InvalidMessage):
         d.publish("q", [Message(b"x", {"bad": object()}, "1")])  # type: ignore[dict-item]
+    with pytest.raises(InvalidMessage, match="bytes body"):
+        d.publish("q", [msg(1), Message("text", {}, "2")])  # type: ignore[arg-type]
     assert d.stats("q").ready == 0
+    d.publish("q", [msg(3)])
+    assert d.stats("q").ready == 1
 
 
 def test_fifo_in_batches(make: Callable[..., SqliteDriver]) -> None:

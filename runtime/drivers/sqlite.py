@@ -195,6 +195,10 @@ class SqliteDriver(Driver):
                     for m in messages]
         except (TypeError, ValueError, OverflowError) as exc:
             raise InvalidMessage(f"queue '{queue}': cannot store the message headers: {exc}") from None
+        for m in messages:  # checked here: a bad row in a shared commit would fail everyone's publish
+            if not isinstance(m.body, bytes | bytearray | memoryview) or not isinstance(m.id, str):
+                raise InvalidMessage(f"queue '{queue}': a message needs a bytes body and a text id, got "
+                                     f"{type(m.body).__name__} and {type(m.id).__name__}")
         limit = self._limits.get(queue, 0)
         if limit and not force and state == READY:
             self._publish_bounded(queue, rows, limit, timeout, cancel)
@@ -313,8 +317,7 @@ class SqliteDriver(Driver):
                     result = work(conn)
                 conn.execute("COMMIT")
             except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
+                _rollback(conn)
                 raise
         except BaseException as exc:
             self._settles.extendleft(reversed(settles))
@@ -521,6 +524,14 @@ def _apply_settles(conn: Any, settles: list[tuple[int, str, int, int, float]]) -
         if requeues:
             conn.executemany(sql.REQUEUE, requeues)  # a copy at the tail (a new seq) ...
             conn.executemany(sql.ACK, requeues)  # ... and the claimed row goes
+
+
+def _rollback(conn: sqlite3.Connection) -> None:
+    try:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+    except sqlite3.Error:  # the connection is broken: the transaction is gone with it
+        pass
 
 
 def _put_up_to(queue: str, rows: list[tuple[Any, ...]], limit: int, conn: Any) -> int:
