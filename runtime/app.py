@@ -110,13 +110,14 @@ class App:
     def running(self) -> bool:
         return self._supervisor is not None
 
-    def start(self) -> App:
+    def start(self, part: str = "all") -> App:
         """Start the `auto_start` services and their dependencies, in dependency order.
-        Raises ConfigError (nothing left running) if a handler cannot be loaded."""
+        Raises ConfigError (nothing left running) if a handler cannot be loaded. `part`
+        "consumers" or "others" starts only that share (`runtime run --processes`)."""
         if self._supervisor is not None:
             return self
         supervisor = Supervisor(self.registry, self.router, self.new_sandbox, self._drivers, self.activity)
-        supervisor.start()
+        supervisor.start(part)
         self._supervisor = supervisor
         self._consumers = {s.id: s for s in supervisor.services() if isinstance(s, ConsumerService)}
         return self
@@ -187,15 +188,20 @@ class App:
     def _current_counts(self) -> dict[str, dict[str, int]]:
         return {cid: svc.pool.stats() for cid, svc in self._consumers.items() if svc.pool is not None}
 
-    def stats(self) -> dict[str, Any]:
-        """Counts per consumer (adding up across stop/start of this App) and per queue."""
+    def consumer_stats(self) -> dict[str, dict[str, int]]:
+        """Counts per consumer, adding up across stop/start of this App (in_flight: the
+        running pool's only). Asks no driver."""
         consumers: dict[str, dict[str, int]] = {cid: dict(c, in_flight=0) for cid, c in self._past_counts.items()}
         for cid, counts in self._current_counts().items():
             total = consumers.setdefault(cid, dict.fromkeys(counts, 0))
             for key, value in counts.items():
                 total[key] = total.get(key, 0) + value if key != "in_flight" else value
+        return consumers
+
+    def stats(self) -> dict[str, Any]:
+        """Counts per consumer (see consumer_stats) and per queue."""
         queues = {qid: bound.info() for qid, bound in self.router.queues.items()}
-        return {"consumers": consumers, "queues": queues}  # in_flight: the running pool's only
+        return {"consumers": self.consumer_stats(), "queues": queues}
 
     def __enter__(self) -> App:
         return self.start()

@@ -41,6 +41,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--strict-security", action="store_true",
                      help="deny permission checks made with no actor or no policies")
     run.add_argument("--no-progress", action="store_true", help="no live progress display on a terminal")
+    run.add_argument("--processes", type=int, default=1, metavar="N",
+                     help="run the consumers in N worker processes (queues on a shared driver such as sqlite)")
+    run.add_argument("--worker-process", action="store_true", help=argparse.SUPPRESS)
 
     check = sub.add_parser("check", help="validate an application and list every problem")
     check.add_argument("app_dir", nargs="?", default=".", metavar="APP_DIR")
@@ -177,32 +180,61 @@ class _Signals:
         self.stop.set()
 
 
-def _print_summary(app: App, elapsed: float) -> None:
-    for cid, c in sorted(app.stats()["consumers"].items()):
+def _print_summary(consumers: dict[str, dict[str, int]], elapsed: float) -> None:
+    for cid, c in sorted(consumers.items()):
         rate = c["processed"] / elapsed if elapsed > 0 else 0.0
         print(f"{cid} acked={c['acked']} nacked={c['nacked']} dead_lettered={c['dead_lettered']} "
               f"processed={c['processed']} rate={rate:.1f}/s")
     sys.stdout.flush()
 
 
+def _worker_argv(args: argparse.Namespace) -> list[str]:
+    """The command line of one worker process of `--processes`."""
+    argv = [sys.executable, "-m", "runtime", "run", str(args.app_dir), "--worker-process",
+            "--log-level", args.log_level, "--log-format", args.log_format]
+    if args.strict_security:
+        argv.append("--strict-security")
+    if args.stop_timeout is not None:
+        argv += ["--stop-timeout", str(args.stop_timeout)]
+    return argv
+
+
+def _stop_budget(app: App, override: float | None) -> float:
+    if override is not None:
+        return override
+    return max((spec.lifecycle.stop_timeout for spec in app.registry), default=10.0)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     signals = _Signals()
     signals.install()
+    if args.processes < 1:
+        args.parser.error("--processes must be 1 or more")
     try:
         publishes = _read_publishes(args.publish, args.parser)
         app = App.load(args.app_dir, strict_security=args.strict_security)
         for queue_id, _ in publishes:
             app.router.spec(queue_id)  # unknown queue: refuse before starting anything
+        if args.processes > 1:
+            from .multiprocess import check_shared
+            check_shared(app, args.processes)
     except ConfigError as err:
         _print_problems(err)
         return EXIT_CONFIG
     except RuntimeHostError as err:
         print(f"runtime run: {err}", file=sys.stderr)
         return EXIT_CONFIG
+    if args.worker_process:
+        return _run_worker(app, signals)
+    if args.processes > 1:
+        return _run_parent(app, args, publishes, signals)
     try:
         app.start()
     except ConfigError as err:
         _print_problems(err)
+        return EXIT_CONFIG
+    except RuntimeHostError as err:
+        print(f"runtime run: cannot start: {err}", file=sys.stderr)
         return EXIT_CONFIG
     started = time.monotonic()
     services = len(app.service_ids())
@@ -218,14 +250,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         progress.start()
     code = EXIT_OK
     try:
-        for queue_id, data in publishes:
-            if signals.stop.is_set():
-                break
-            app.publish(queue_id, data)
-        while not signals.stop.is_set():
-            if args.until_idle and app.idle():
-                break
-            signals.stop.wait(0.01)
+        _publish_all(app, publishes, signals)
+        if args.until_idle:
+            seen = app.activity.value
+            while not signals.stop.is_set() and not app.idle():
+                seen = app.activity.wait(seen, 0.05)  # woken by the next message move
+        else:
+            while not signals.stop.wait(0.5):
+                pass
     except RuntimeHostError as err:
         print(f"runtime run: {err}", file=sys.stderr)
         code = EXIT_CONFIG
@@ -238,7 +270,58 @@ def cmd_run(args: argparse.Namespace) -> int:
         except ShutdownTimeout as err:
             print(f"runtime run: {err}", file=sys.stderr)
             code = EXIT_SHUTDOWN_TIMEOUT
-        _print_summary(app, elapsed)
+        _print_summary(app.consumer_stats(), elapsed)
+    return code
+
+
+def _publish_all(app: App, publishes: list[tuple[str, Any]], signals: _Signals) -> None:
+    for queue_id, data in publishes:
+        if signals.stop.is_set():
+            break
+        app.publish(queue_id, data)
+
+
+def _run_worker(app: App, signals: _Signals) -> int:
+    from .multiprocess import run_worker
+    try:
+        overran = run_worker(app, signals.stop)
+    except ConfigError as err:
+        _print_problems(err)
+        return EXIT_CONFIG
+    except RuntimeHostError as err:
+        print(f"runtime run: cannot start: {err}", file=sys.stderr)
+        return EXIT_CONFIG
+    return EXIT_SHUTDOWN_TIMEOUT if overran else EXIT_OK
+
+
+def _run_parent(app: App, args: argparse.Namespace, publishes: list[tuple[str, Any]], signals: _Signals) -> int:
+    from .multiprocess import run_parent
+    started = time.monotonic()
+    code = EXIT_OK
+    pool = None
+    try:
+        logging.getLogger("runtime").info("starting %d worker processes for %s%s", args.processes, args.app_dir,
+                                          "" if args.until_idle else "; press Ctrl-C to stop")
+        pool, code = run_parent(app, _worker_argv(args), args.processes, signals.stop, args.until_idle,
+                                _stop_budget(app, args.stop_timeout), lambda: _publish_all(app, publishes, signals))
+    except ConfigError as err:
+        _print_problems(err)
+        code = EXIT_CONFIG
+    except RuntimeHostError as err:
+        print(f"runtime run: {err}", file=sys.stderr)
+        code = EXIT_CONFIG
+    finally:
+        elapsed = time.monotonic() - started
+        try:
+            app.stop(args.stop_timeout)
+        except ShutdownTimeout as err:
+            print(f"runtime run: {err}", file=sys.stderr)
+            code = EXIT_SHUTDOWN_TIMEOUT
+    if pool is not None:
+        _print_summary(pool.totals(), elapsed)
+        for slot, pids, processed in pool.per_worker():
+            print(f"worker {slot} pids={','.join(map(str, pids))} processed={processed}")
+        sys.stdout.flush()
     return code
 
 

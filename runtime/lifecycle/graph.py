@@ -6,10 +6,15 @@ from ..registry import Registry
 from ..registry.kinds import SERVICE_KINDS
 
 
-def start_order(registry: Registry) -> list[str]:
+def start_order(registry: Registry, part: str = "all") -> list[str]:
     """IDs of every entry to bring up, dependencies first: the `auto_start` services and
-    everything they depend on, transitively. (Validation has refused cycles.)"""
-    roots = [s.id for s in registry if s.kind in SERVICE_KINDS and s.lifecycle.auto_start]
+    everything they depend on, transitively. (Validation has refused cycles.)
+
+    `part`: "all"; "consumers" (the consumers, as a worker process of `--processes` runs
+    them); or "others" (everything but the consumers, their drivers included, as the
+    parent process runs it)."""
+    roots = [s.id for s in registry if s.kind in SERVICE_KINDS and s.lifecycle.auto_start
+             and (part != "consumers" or s.kind == "queue.consumer")]
     order: list[str] = []
     seen: set[str] = set()
 
@@ -23,4 +28,6 @@ def start_order(registry: Registry) -> list[str]:
 
     for root in sorted(roots):
         visit(root)
+    if part == "others":
+        return [e for e in order if registry.entries[e].kind != "queue.consumer"]
     return order

@@ -7,7 +7,7 @@ import threading
 from collections.abc import Callable
 
 from ..drivers import driver_class
-from ..errors import LuaHandlerError
+from ..errors import DriverUnavailable, LuaHandlerError
 from ..lua.sandbox import LuaSandbox
 from ..queue.consumer import ConsumerPool
 from ..queue.driver import Activity, Backoff, Driver
@@ -56,6 +56,7 @@ class DriverService(Service):
         self.drivers = drivers  # kept by the App: a restarted app finds its memory queues again
         self.moves = activity
         self.driver: Driver | None = None
+        self.stopping = threading.Event()
 
     def start(self) -> None:
         self.driver = self.drivers.get(self.spec.id)
@@ -65,10 +66,33 @@ class DriverService(Service):
             self.driver = self.drivers[self.spec.id] = driver_class(self.spec.kind)(
                 self.spec.id, self.spec.options, app_dir=self.router.registry.app_dir, activity=self.moves,
                 backoff=backoff)
-        self.driver.open()
+        self._open()
         for queue in self.router.registry.of_type(QueueSpec):
             if queue.driver == self.spec.id:
                 self.router.bind(queue, self.driver)
+
+    def _open(self) -> None:
+        """Open the driver; an unreachable engine is retried by the entry's restart policy."""
+        assert self.driver is not None
+        policy = self.spec.lifecycle.restart
+        attempts = 0
+        delays = self.driver.backoff.delays()
+        while True:
+            try:
+                self.driver.open()
+                return
+            except DriverUnavailable as exc:
+                attempts += 1
+                if policy is None or (policy.max_attempts and attempts > policy.max_attempts):
+                    raise
+                delay = next(delays)
+                log.warning("driver %s cannot connect (attempt %d), retrying in %.1fs: %s", self.id, attempts,
+                            delay, exc)
+                if self.stopping.wait(delay):
+                    raise
+
+    def begin_stop(self) -> None:
+        self.stopping.set()
 
     def stop(self, timeout: float) -> list[str]:
         for bound in self.router.queues.values():

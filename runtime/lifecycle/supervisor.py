@@ -6,7 +6,7 @@ import logging
 import time
 from collections.abc import Callable
 
-from ..errors import ConfigError, LuaHandlerError, Problem
+from ..errors import ConfigError, LuaHandlerError, Problem, RuntimeHostError
 from ..lua.sandbox import LuaSandbox
 from ..queue.driver import Activity, Driver
 from ..queue.router import QueueRouter
@@ -36,11 +36,11 @@ class Supervisor:
             return ProcessService(spec, self.make_sandbox)
         return None
 
-    def start(self) -> None:
-        """Start every auto_start service and its dependencies. A service whose Lua cannot
-        be loaded is a configuration error: what was started is stopped again and
-        ConfigError is raised (no half-started app)."""
-        for entry_id in start_order(self.registry):
+    def start(self, part: str = "all") -> None:
+        """Start every auto_start service and its dependencies (of `part`, see start_order).
+        A service whose Lua cannot be loaded is a configuration error: what was started is
+        stopped again and ConfigError is raised (no half-started app)."""
+        for entry_id in start_order(self.registry, part):
             spec = self.registry.entries[entry_id]
             service = self._service(spec)
             if service is None:
@@ -51,6 +51,9 @@ class Supervisor:
                 self.stop(timeout_override=spec.lifecycle.stop_timeout)
                 raise ConfigError([Problem(spec.file, spec.line, f"{spec.kind} {spec.id} cannot start: {exc}")]) \
                     from None
+            except RuntimeHostError:
+                self.stop(timeout_override=spec.lifecycle.stop_timeout)  # nothing left half-started
+                raise
             self.started.append(service)
             log.debug("started %s", spec.id)
 
