@@ -189,7 +189,7 @@ def test_processes_parent_restarts_a_worker_killed_with_sigkill(tmp_path: Path) 
     out, err = p.communicate(timeout=100)
     err = "".join(lines) + err
     assert p.returncode == 0, err
-    assert re.search(r"worker process 0 \(pid %d\) died with exit code -9; restarting" % pid, err), err
+    assert re.search(rf"worker process 0 \(pid {pid}\) died with exit code -9; restarting", err), err
     assert len(re.findall(r"worker process 0 started", err)) == 2
     counts = Counter(r["n"] for r in done(root, 0))
     assert set(counts) == set(range(2000)), "a message was lost"
@@ -210,8 +210,8 @@ def test_sigkill_five_times_mid_stream_loses_nothing(tmp_path: Path) -> None:
     for run, fraction in enumerate((0.1, 0.25, 0.45, 0.6, 0.8), start=1):
         p = runtime(root, run=run)
         target = int(total * fraction)
-        wait_until(lambda: processed_before + done_count(root, run) >= target or p.poll() is not None, 120,
-                   f"run {run} to reach {target}")
+        wait_until(lambda p=p, run=run, target=target, before=processed_before:
+                   before + done_count(root, run) >= target or p.poll() is not None, 120, f"run {run} to reach {target}")
         p.send_signal(signal.SIGKILL)
         p.communicate(timeout=30)
         assert p.returncode == -signal.SIGKILL

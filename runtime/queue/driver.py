@@ -39,7 +39,7 @@ from __future__ import annotations
 import logging
 import random
 import threading
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
@@ -118,7 +118,7 @@ class Backoff:
     initial: float = 1.0
     maximum: float = 30.0
 
-    def delays(self) -> Iterable[float]:
+    def delays(self) -> Iterator[float]:
         delay = self.initial
         while True:
             yield delay * random.uniform(0.9, 1.1)

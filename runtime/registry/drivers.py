@@ -16,10 +16,9 @@ DRIVER_OPTION_KEYS = {driver_key(kind): kind for kind in DRIVER_KINDS}
 def read_option(r: FieldReader, key: str, opt: Option) -> Any:
     """One option field, type-checked; its default when absent or wrong."""
     if opt.type == "int":
-        value = r.number(key, default=opt.default if opt.default is not None else 0,
-                         minimum=int(opt.minimum) if opt.minimum is not None else None,
-                         maximum=int(opt.maximum) if opt.maximum is not None else None)
-        return value
+        return r.number(key, default=opt.default if opt.default is not None else 0,
+                        minimum=int(opt.minimum) if opt.minimum is not None else None,
+                        maximum=int(opt.maximum) if opt.maximum is not None else None)
     if opt.type == "duration":
         value = r.duration(key, opt.default)
         if value is not None and key in r.data:
