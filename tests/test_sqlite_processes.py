@@ -211,7 +211,8 @@ def test_sigkill_five_times_mid_stream_loses_nothing(tmp_path: Path) -> None:
         p = runtime(root, run=run)
         target = int(total * fraction)
         wait_until(lambda p=p, run=run, target=target, before=processed_before:
-                   before + done_count(root, run) >= target or p.poll() is not None, 120, f"run {run} to reach {target}")
+                   before + done_count(root, run) >= target or p.poll() is not None, 120,
+                   f"run {run} to reach {target}")
         p.send_signal(signal.SIGKILL)
         p.communicate(timeout=30)
         assert p.returncode == -signal.SIGKILL
