@@ -757,3 +757,11 @@ def test_catalog_defaults_build_a_driver(tmp_path: Path) -> None:
     d = SqliteDriver("test:s", fields, app_dir=tmp_path)
     assert d.path == tmp_path / ".runtime" / "queues.sqlite3"
     assert (d.visibility_timeout, d.poll_interval, d.busy_timeout, d.synchronous) == (30.0, 0.1, 5.0, "full")
+
+
+def test_too_old_sqlite_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sqlite3, "sqlite_version_info", (3, 31, 1))
+    d = SqliteDriver("test:s", {"path": "q.sqlite3"}, app_dir=tmp_path)
+    with pytest.raises(DriverError, match=r"needs SQLite 3\.35\.0 or later"):
+        d.open()
+    assert not (tmp_path / "q.sqlite3").exists()

@@ -52,6 +52,7 @@ CANCEL_POLL = 0.05  # seconds between looks at a publisher's cancel flag while i
 FLUSH_LINGER = 0.001  # the background writer waits this long for more settles to join a commit
 ERROR_PAUSE = 0.2  # seconds before the background writer tries again after an engine error
 MAX_CLAIM = 1000
+MIN_SQLITE = (3, 35, 0)
 OVER_LIMIT_WARNING = 60.0  # seconds between warnings that a queue is above max_length
 
 log = logging.getLogger("runtime.driver.sqlite")
@@ -105,6 +106,9 @@ class SqliteDriver(Driver):
 
     # -- open / close -------------------------------------------------------------------------
     def _open(self) -> None:
+        if sqlite3.sqlite_version_info < MIN_SQLITE:
+            raise DriverError(f"driver {self.entry_id}: needs SQLite {'.'.join(map(str, MIN_SQLITE))} or later "
+                              f"(UPDATE ... RETURNING); this Python's sqlite3 module has {sqlite3.sqlite_version}")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
