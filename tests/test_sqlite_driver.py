@@ -475,6 +475,20 @@ def test_abandoned_driver_messages_come_back_after_visibility_timeout(make: Call
     assert time.monotonic() - t0 < 8.0
 
 
+def test_expired_lease_is_taken_back_when_it_runs_out_not_at_the_next_poll(
+        make: Callable[..., SqliteDriver]) -> None:
+    a_drv = make(visibility_timeout=0.5)
+    b_drv = make(poll_interval=10.0)
+    a_drv.publish("q", [msg("m")])
+    a_drv.consume("q", "a", 10).fetch(1, 1.0)
+    crash(a_drv)
+    b = b_drv.consume("q", "b", 10)
+    t0 = time.monotonic()
+    [back] = b.fetch(1, 8.0)
+    assert back.attempt == 2
+    assert time.monotonic() - t0 < 5.0
+
+
 def test_renewal_keeps_a_slow_delivery_from_other_consumers(make: Callable[..., SqliteDriver]) -> None:
     a_drv = make(visibility_timeout=1.0)  # renewed every 0.33 s
     b_drv = make(visibility_timeout=1.0, poll_interval=0.02)

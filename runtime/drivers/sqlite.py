@@ -367,7 +367,8 @@ class SqliteDriver(Driver):
             self._bg_wake.set()
 
     def _claim(self, queue: str, max_count: int) -> tuple[list[Delivery], float | None]:
-        """Claim up to max_count deliveries; with none, also when the next delayed one is due."""
+        """Claim up to max_count deliveries; with none, also when to look again (the next
+        delayed message due or lease running out), if anything is waiting."""
         with self._lock:
             conn = self._connection()
             now = time.time()
@@ -377,7 +378,7 @@ class SqliteDriver(Driver):
                 except sqlite3.Error as exc:
                     raise unavailable(exc) or exc from None
                 if not ready and (due is None or due > now) and (lease is None or lease > now):
-                    return [], due
+                    return [], _earliest(due, lease)
             claim = int.from_bytes(os.urandom(8), "big") >> 1  # fresh per claim, also after a fork
             lease_until = now + self.visibility_timeout
             limit = min(max_count, MAX_CLAIM)
@@ -389,14 +390,16 @@ class SqliteDriver(Driver):
                         conn.execute(sql.DELETE_PROMOTED, (queue, now))
                     ready = True
                     due = conn.execute(sql.PEEK, (queue,)).fetchone()[1]
-                if lease is not None and lease <= now and conn.execute(sql.RECOVER, (queue, now)).rowcount:
-                    ready = True
+                if lease is not None and lease <= now:
+                    if conn.execute(sql.RECOVER, (queue, now)).rowcount:
+                        ready = True
+                    lease = None
                 rows = conn.execute(sql.CLAIM, (claim, lease_until, queue, limit)).fetchall() if ready else []
-                return rows, due
+                return rows, _earliest(due, lease)
 
-            rows, due = self._flush_locked(take)
+            rows, wake = self._flush_locked(take)
         if not rows:
-            return [], due
+            return [], wake
         if self._limits.get(queue):
             self._notify(self._room, (queue,))
         rows.sort()
@@ -466,15 +469,15 @@ class SqliteConsumer(DriverConsumer):
         deadline = time.monotonic() + wait
         while True:
             seen = d._arrivals.get(queue, 0)
-            got, due = d._claim(queue, max_count)
+            got, wake = d._claim(queue, max_count)
             if got:
                 return got
             remaining = deadline - time.monotonic()
             if remaining <= 0 or self.closed:
                 return []
             timeout = min(remaining, d.poll_interval)
-            if due is not None:
-                timeout = min(timeout, max(0.0, due - time.time()) + 0.001)
+            if wake is not None:
+                timeout = min(timeout, max(0.0, wake - time.time()) + 0.001)
             d._wait(d._arrivals, queue, seen, timeout)
 
     def _ack(self, d: Delivery) -> None:
@@ -528,6 +531,10 @@ def _apply_settles(conn: Any, settles: list[tuple[int, str, int, int, float]]) -
         if requeues:
             conn.executemany(sql.REQUEUE, requeues)  # a copy at the tail (a new seq) ...
             conn.executemany(sql.ACK, requeues)  # ... and the claimed row goes
+
+
+def _earliest(a: float | None, b: float | None) -> float | None:
+    return b if a is None else a if b is None else min(a, b)
 
 
 def _rollback(conn: sqlite3.Connection) -> None:
