@@ -53,6 +53,7 @@ FLUSH_LINGER = 0.001  # the background writer waits this long for more settles t
 ERROR_PAUSE = 0.2  # seconds before the background writer tries again after an engine error
 MAX_CLAIM = 1000
 MIN_SQLITE = (3, 35, 0)
+COMMIT_WAIT = 1.0  # seconds: a publisher's longest wait for a commit under way (it is woken at its end)
 OVER_LIMIT_WARNING = 60.0  # seconds between warnings that a queue is above max_length
 
 log = logging.getLogger("runtime.driver.sqlite")
@@ -90,6 +91,8 @@ class SqliteDriver(Driver):
         self.busy_timeout = _seconds(o, "busy_timeout", 5.0, entry_id, allow_zero=True)
         self._lock = threading.Lock()  # the connection
         self._conn: Any = None  # sqlite3.Connection while open: every write, claims
+        self._commit_cond = threading.Condition()  # signalled when a commit with publishes ends
+        self._committing = False  # such a commit is under way
         self._read_lock = threading.Lock()
         self._reader: Any = None  # a second connection for counts, so they never hold up writes
         self._pubs: deque[_PublishOp] = deque()  # publishes waiting for a commit
@@ -211,12 +214,7 @@ class SqliteDriver(Driver):
             self._warn_if_over(queue, limit)
         op = _PublishOp(queue, rows)
         self._pubs.append(op)
-        with self._lock:
-            if not op.done:
-                try:
-                    self._flush_locked()
-                except Exception:  # noqa: BLE001 - the op carries the error
-                    pass
+        self._await_commit(op)
         if not op.done:  # pragma: no cover - every flush marks the ops it took
             raise DriverError(f"driver {self.entry_id}: publish to '{queue}' was not written")
         if op.error is not None:
@@ -308,21 +306,11 @@ class SqliteDriver(Driver):
         settles = _drain(self._settles)
         if not pubs and not settles and work is None:
             return None
-        result = None
+        if pubs:
+            with self._commit_cond:
+                self._committing = True
         try:
-            conn = self._connection()
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                if settles:  # first: they are usually older than the publishes
-                    _apply_settles(conn, settles)
-                for op in pubs:
-                    conn.executemany(sql.INSERT, op.rows)
-                if work is not None:
-                    result = work(conn)
-                conn.execute("COMMIT")
-            except BaseException:
-                _rollback(conn)
-                raise
+            result = self._transaction(pubs, settles, work)
         except BaseException as exc:
             self._settles.extendleft(reversed(settles))
             error: BaseException = exc
@@ -334,14 +322,51 @@ class SqliteDriver(Driver):
             if error is exc:
                 raise
             raise error from None
-        for op in pubs:
-            op.done = True
+        finally:
+            if pubs:
+                for op in pubs:
+                    op.done = True
+                with self._commit_cond:  # publishers waiting for this commit return now
+                    self._committing = False
+                    self._commit_cond.notify_all()
         if pubs or settles:
             touched = {op.queue for op in pubs}
             touched.update(s[1] for s in settles if s[0] != _ACK)
             if touched:
                 self._notify(self._arrivals, touched)
         return result
+
+    def _transaction(self, pubs: list[_PublishOp], settles: list[tuple[int, str, int, int, float]],
+                     work: Callable[[Any], Any] | None) -> Any:
+        conn = self._connection()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            if settles:  # first: they are usually older than the publishes
+                _apply_settles(conn, settles)
+            for op in pubs:
+                conn.executemany(sql.INSERT, op.rows)
+            result = work(conn) if work is not None else None
+            conn.execute("COMMIT")
+        except BaseException:
+            _rollback(conn)
+            raise
+        return result
+
+    def _await_commit(self, op: _PublishOp) -> None:
+        """Group commit: wait until `op` is written, by the commit under way if it took it,
+        else by leading the next one (with every publish queued meanwhile)."""
+        cond = self._commit_cond
+        while not op.done:
+            with cond:
+                if self._committing and not op.done:
+                    cond.wait(COMMIT_WAIT)  # woken when that commit ends; then done, or lead the next
+                    continue
+            with self._lock:
+                if not op.done:
+                    try:
+                        self._flush_locked()
+                    except Exception:  # noqa: BLE001 - the op carries the error
+                        pass
 
     # -- waking -------------------------------------------------------------------------------
     def _notify(self, counters: dict[str, int], queues: Iterable[str]) -> None:

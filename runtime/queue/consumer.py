@@ -6,8 +6,8 @@ refills it from the driver consumer (one refill at a time, under a lock: the dri
 `fetch` has one caller at a time), so when every worker is busy and the buffer is full
 nothing more is taken from the driver (backpressure). There is no hand-off thread: a
 worker goes from one message to the next without waiting on another thread. A worker's
-loop body is one `run_once()` step. Drivers with leases get a keeper thread that renews
-the leases of everything this pool holds while handlers run.
+loop body is one `run_once()` step. Drivers whose deliveries are leases renew them
+themselves for as long as the delivery is in flight (see Capabilities.lease).
 """
 
 from __future__ import annotations
@@ -65,7 +65,6 @@ class ConsumerPool:
         self._buffer: deque[Delivery] = deque()
         self._refill = threading.Lock()
         self._stopping = threading.Event()
-        self._keeper: threading.Thread | None = None
         self._go = threading.Event()  # workers take messages once the driver consumer exists
         self.started = False
         self.retry = queue.spec.retry
@@ -91,9 +90,6 @@ class ConsumerPool:
             raise failures[0]
         self.prepare()
         self.started = True
-        if self.queue.driver.capabilities.lease:
-            self._keeper = threading.Thread(target=self._keep_leases, daemon=True, name=f"{self.spec.id}#leases")
-            self._keeper.start()
         self._go.set()
 
     def prepare(self) -> None:
@@ -155,18 +151,6 @@ class ConsumerPool:
         except Exception:  # noqa: BLE001 - a driver failure must not kill the worker
             log.exception("consumer %s: fetching from queue %s failed", self.spec.id, self.queue.spec.id)
             self._stopping.wait(1.0)
-
-    def _keep_leases(self) -> None:
-        """Renew the leases of every delivery this pool holds (buffered or running), so a
-        slow handler is never handed to another consumer while it runs."""
-        assert self.source is not None
-        lease = float(self.queue.driver.options.get("visibility_timeout") or 30.0)
-        every = max(0.05, lease / 3)
-        while not self._stopping.wait(every):
-            try:
-                self.source.extend(self.source.deliveries(), lease)
-            except RuntimeHostError as exc:
-                log.warning("consumer %s: could not renew leases: %s", self.spec.id, exc)
 
     # -- one step of a worker ------------------------------------------------------------------
     def run_once(self, w: _Worker, timeout: float = POLL) -> bool:
@@ -303,8 +287,6 @@ class ConsumerPool:
                 if w.thread is not None and w.thread.is_alive() and d is not None:
                     self.source.release((d,))  # its late ack will find nothing to settle
                     overran.append(f"{self.spec.id}#{w.index}")
-            if self._keeper is not None:
-                self._keeper.join(1.0)
             try:
                 self.source.close()
             except RuntimeHostError as exc:

@@ -60,7 +60,7 @@ class Capabilities:
     exact_stats: bool = False  # stats() counts are exact (idle detection may trust them)
     native_attempts: bool = False  # the engine counts deliveries: a delivery lost to a crash counts
     native_delay: bool = False  # delayed messages wait in the engine, not in this process
-    lease: bool = False  # a delivery is a lease the consumer renews while its handler runs
+    lease: bool = False  # a delivery is a lease: the driver renews it for as long as it is in flight
     shared: bool = False  # several processes may consume the same queues (--processes)
     max_batch: int = 1000  # the most messages one fetch takes
     min_wait: float = 0.0  # the shortest useful blocking wait in fetch
