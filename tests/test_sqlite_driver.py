@@ -752,6 +752,24 @@ def test_concurrent_publishers_share_commits(make: Callable[..., SqliteDriver]) 
         assert mine == [f"{t}-{i}" for i in range(per_thread)]
 
 
+def test_publishes_waiting_together_share_one_commit(make: Callable[..., SqliteDriver],
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    d = make()
+    commits: list[int] = []
+    real = d._transaction
+    monkeypatch.setattr(d, "_transaction", lambda pubs, settles, work: (commits.append(len(pubs)),
+                                                                         real(pubs, settles, work))[1])
+    threads = [threading.Thread(target=d.publish, args=("q", [msg(i)])) for i in range(8)]
+    with d._lock:  # the database is busy (as during another commit): all 8 queue up
+        for t in threads:
+            t.start()
+        assert wait_until(lambda: len(d._pubs) == 8, 10)
+    for t in threads:
+        t.join(10)
+    assert commits == [8], "8 waiting publishes must go in one transaction (one fsync)"
+    assert d.stats("q").ready == 8
+
+
 def test_queues_are_separate(make: Callable[..., SqliteDriver]) -> None:
     d = make(queues={"a": {}, "b": {}})
     d.publish("a", [msg("a1")])
