@@ -6,20 +6,24 @@ Everything survives a restart and `kill -9`; several processes on one host share
 
 How it works, in one process:
 
-* One connection per driver, used under `_lock` (sqlite3 connections must not be used by two
-  threads at once; SQLite has one writer at a time anyway). Every write is a
-  `BEGIN IMMEDIATE` transaction, so it waits for other processes up to `busy_timeout`.
+* One writing connection per driver, used under `_lock` (a sqlite3 connection must not be
+  used by two threads at once; SQLite has one writer at a time anyway), and one reading
+  connection for counts, which in WAL mode neither waits for writers nor holds them up.
+  Every write is a `BEGIN IMMEDIATE` transaction, so it waits for other processes up to
+  `busy_timeout`; still locked after that is DriverUnavailable (so is an I/O error, a full
+  disk or a file that cannot be opened; a programming error is not).
 * Group commit: publishes and settles are queued and written by whoever holds the lock next,
-  in one transaction (one fsync under `synchronous=full`). A publisher queues its batch,
-  takes the lock and finds it either written by an earlier holder or writes it with everyone
-  else's waiting work. Settles (ack / retry / release) do not wait: they are written by the
-  next fetch's claim transaction or by the background thread within a millisecond or two.
-  `stats` and `purge` write what is pending first, so their counts are exact.
+  in one transaction (one fsync under `synchronous=full`). A publisher queues its batch and
+  either finds it taken by the commit under way (and returns when that ends) or leads the
+  next commit, with every publish queued meanwhile. Settles (ack / retry / release) do not
+  wait: they are written by the next fetch's claim transaction or by the background thread
+  within a millisecond or two. `stats` and `purge` write what is pending first, so their
+  counts are exact.
 * A fetch claims up to `max_count` ready rows in one `UPDATE ... RETURNING` (attempt counted
   there, so a delivery lost to a crash counts), after moving due delayed rows to the tail and
   freeing expired leases. With nothing ready it waits on a Condition: a publish in this
   process wakes it at once, other processes' publishes are seen within `poll_interval`, a
-  delayed message when it is due.
+  delayed message when it is due, a crashed process's messages when their lease runs out.
 * The background thread also renews the leases of every delivery in flight in this process
   every `visibility_timeout / 3`, so a slow handler keeps its message; a lease found lost
   (this process stalled past it and another took the message) drops the delivery from the
