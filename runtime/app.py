@@ -198,6 +198,11 @@ class App:
                 total[key] = total.get(key, 0) + value if key != "in_flight" else value
         return consumers
 
+    def reconnecting(self) -> set[str]:
+        """IDs of the consumers waiting for their driver to reconnect."""
+        return {cid for cid, svc in self._consumers.items()
+                if svc.pool is not None and (svc.pool.reconnecting or svc.pool.queue.driver.state == "reconnecting")}
+
     def stats(self) -> dict[str, Any]:
         """Counts per consumer (see consumer_stats) and per queue."""
         queues = {qid: bound.info() for qid, bound in self.router.queues.items()}

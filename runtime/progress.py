@@ -12,7 +12,8 @@ from rich.table import Table
 
 
 class Progress:
-    """Redraws a table of consumers (processed, rate, in flight, queue depth) twice a second."""
+    """Redraws a table of consumers (processed, rate, in flight, queue depth, delayed, failures)
+    twice a second; a state column appears while a consumer's driver is reconnecting."""
 
     def __init__(self, app: Any, console: Console):
         self.app = app
@@ -25,7 +26,11 @@ class Progress:
     def _table(self) -> Table:
         stats = self.app.stats()
         table = Table(title="consumers", expand=False)
-        for col in ("consumer", "processed", "rate/s", "in flight", "queue depth", "acked", "nacked", "dead"):
+        reconnecting = self.app.reconnecting()
+        columns = ["consumer", "processed", "rate/s", "in flight", "queue depth", "delayed", "nacked", "dead"]
+        if reconnecting:  # shown only then, to keep the table narrow
+            columns.insert(1, "state")
+        for col in columns:
             table.add_column(col, justify="left" if col == "consumer" else "right")
         now = time.monotonic()
         for cid, c in sorted(stats["consumers"].items()):
@@ -33,9 +38,12 @@ class Progress:
             rate = (c["processed"] - before) / (now - then) if now > then else 0.0
             self._last[cid] = (now, c["processed"])
             spec = self.app.registry.entries[cid]
-            depth = stats["queues"].get(spec.queue, {}).get("ready", 0)
-            table.add_row(cid, str(c["processed"]), f"{rate:,.0f}", str(c["in_flight"]), str(depth),
-                          str(c["acked"]), str(c["nacked"]), str(c["dead_lettered"]))
+            queue = stats["queues"].get(spec.queue, {})
+            row = [cid, str(c["processed"]), f"{rate:,.0f}", str(c["in_flight"]), str(queue.get("ready", 0)),
+                   str(queue.get("delayed", 0)), str(c["nacked"]), str(c["dead_lettered"])]
+            if reconnecting:
+                row.insert(1, "reconnecting" if cid in reconnecting else "running")
+            table.add_row(*row)
         return table
 
     def start(self) -> None:
