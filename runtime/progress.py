@@ -27,7 +27,7 @@ class Progress:
         stats = self.app.stats()
         table = Table(title="consumers", expand=False)
         reconnecting = self.app.reconnecting()
-        columns = ["consumer", "processed", "rate/s", "in flight", "queue depth", "delayed", "nacked", "dead"]
+        columns = ["consumer", "processed", "rate/s", "in flight", "ready", "delayed", "nacked", "dead"]
         if reconnecting:  # shown only then, to keep the table narrow
             columns.insert(1, "state")
         for col in columns:
