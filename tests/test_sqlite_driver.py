@@ -702,6 +702,29 @@ def test_locked_database_is_unavailable_then_recovers(make: Callable[..., Sqlite
     assert d.stats("q").ready == 1
 
 
+def test_settles_survive_a_locked_database(make: Callable[..., SqliteDriver], tmp_path: Path,
+                                           caplog: pytest.LogCaptureFixture) -> None:
+    d = make(busy_timeout=0.05)
+    d.publish("q", [msg(1), msg(2)])
+    c = d.consume("q", "c", 10)
+    a, b = c.fetch(2, 1.0)
+    raw = sqlite3.connect(tmp_path / "q.sqlite3", isolation_level=None)
+    try:
+        raw.execute("BEGIN IMMEDIATE")
+        assert c.ack(a) is True  # queued: the background writer cannot write it yet
+        with pytest.raises(DriverUnavailable):
+            c.fetch(1, 0)  # the claim transaction (carrying the ack) cannot start either
+        assert wait_until(lambda: "cannot write settles yet" in caplog.text, 10)
+        assert raw.execute("SELECT count(*) FROM rq_messages").fetchone() == (2,)
+        raw.execute("ROLLBACK")
+    finally:
+        raw.close()
+    assert d.reconnect(threading.Event())
+    assert wait_until(lambda: d.stats("q") == QueueStats(0, 1, 0), 10), "the ack was lost"
+    assert c.ack(b) is True
+    assert d.stats("q") == QueueStats(0, 0, 0)
+
+
 def test_programming_errors_are_not_connection_loss(tmp_path: Path) -> None:
     raw = sqlite3.connect(":memory:")
     with pytest.raises(sqlite3.OperationalError) as syntax:
