@@ -188,6 +188,15 @@ def _print_summary(consumers: dict[str, dict[str, int]], elapsed: float) -> None
     sys.stdout.flush()
 
 
+def _failed(err: RuntimeHostError, what: str = "") -> int:
+    """Report a failure before or at start (configuration problems listed one per line)."""
+    if isinstance(err, ConfigError):
+        _print_problems(err)
+    else:
+        print(f"runtime run: {what}{err}", file=sys.stderr)
+    return EXIT_CONFIG
+
+
 def _worker_argv(args: argparse.Namespace) -> list[str]:
     """The command line of one worker process of `--processes`."""
     argv = [sys.executable, "-m", "runtime", "run", str(args.app_dir), "--worker-process",
@@ -218,24 +227,16 @@ def cmd_run(args: argparse.Namespace) -> int:
         if args.processes > 1:
             from .multiprocess import check_shared
             check_shared(app, args.processes)
-    except ConfigError as err:
-        _print_problems(err)
-        return EXIT_CONFIG
     except RuntimeHostError as err:
-        print(f"runtime run: {err}", file=sys.stderr)
-        return EXIT_CONFIG
+        return _failed(err)
     if args.worker_process:
         return _run_worker(app, signals)
     if args.processes > 1:
         return _run_parent(app, args, publishes, signals)
     try:
         app.start()
-    except ConfigError as err:
-        _print_problems(err)
-        return EXIT_CONFIG
     except RuntimeHostError as err:
-        print(f"runtime run: cannot start: {err}", file=sys.stderr)
-        return EXIT_CONFIG
+        return _failed(err, "cannot start: ")
     started = time.monotonic()
     services = len(app.service_ids())
     logging.getLogger("runtime").info(
@@ -265,13 +266,19 @@ def cmd_run(args: argparse.Namespace) -> int:
         if progress is not None:
             progress.stop()
         elapsed = time.monotonic() - started
-        try:
-            app.stop(args.stop_timeout)
-        except ShutdownTimeout as err:
-            print(f"runtime run: {err}", file=sys.stderr)
-            code = EXIT_SHUTDOWN_TIMEOUT
+        code = _stop(app, args.stop_timeout) or code
         _print_summary(app.consumer_stats(), elapsed)
     return code
+
+
+def _stop(app: App, timeout: float | None) -> int:
+    """Stop the app gracefully; EXIT_SHUTDOWN_TIMEOUT if handlers overran, else 0."""
+    try:
+        app.stop(timeout)
+    except ShutdownTimeout as err:
+        print(f"runtime run: {err}", file=sys.stderr)
+        return EXIT_SHUTDOWN_TIMEOUT
+    return EXIT_OK
 
 
 def _publish_all(app: App, publishes: list[tuple[str, Any]], signals: _Signals) -> None:
@@ -285,12 +292,8 @@ def _run_worker(app: App, signals: _Signals) -> int:
     from .multiprocess import run_worker
     try:
         overran = run_worker(app, signals.stop)
-    except ConfigError as err:
-        _print_problems(err)
-        return EXIT_CONFIG
     except RuntimeHostError as err:
-        print(f"runtime run: cannot start: {err}", file=sys.stderr)
-        return EXIT_CONFIG
+        return _failed(err, "cannot start: ")
     return EXIT_SHUTDOWN_TIMEOUT if overran else EXIT_OK
 
 
@@ -304,19 +307,11 @@ def _run_parent(app: App, args: argparse.Namespace, publishes: list[tuple[str, A
                                           "" if args.until_idle else "; press Ctrl-C to stop")
         pool, code = run_parent(app, _worker_argv(args), args.processes, signals.stop, args.until_idle,
                                 _stop_budget(app, args.stop_timeout), lambda: _publish_all(app, publishes, signals))
-    except ConfigError as err:
-        _print_problems(err)
-        code = EXIT_CONFIG
     except RuntimeHostError as err:
-        print(f"runtime run: {err}", file=sys.stderr)
-        code = EXIT_CONFIG
+        code = _failed(err)
     finally:
         elapsed = time.monotonic() - started
-        try:
-            app.stop(args.stop_timeout)
-        except ShutdownTimeout as err:
-            print(f"runtime run: {err}", file=sys.stderr)
-            code = EXIT_SHUTDOWN_TIMEOUT
+        code = _stop(app, args.stop_timeout) or code
     if pool is not None:
         _print_summary(pool.totals(), elapsed)
         for slot, pids, processed in pool.per_worker():

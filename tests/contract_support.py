@@ -143,6 +143,16 @@ def harness_of(tmp_path: Path) -> Iterator[Callable[[DriverFactory], Harness]]:
         h.close()
 
 
+def harness_fixture(factories: list[DriverFactory]) -> Any:
+    """The `h` fixture of a contract module: a Harness for each factory in `factories`."""
+
+    @pytest.fixture(params=factories, ids=[f.name for f in factories])
+    def h(request: pytest.FixtureRequest, harness_of: Callable[[DriverFactory], Harness]) -> Harness:
+        return harness_of(request.param)
+
+    return h
+
+
 def msg(n: int | str, **headers: Any) -> Message:
     return Message(body=f'{{"n":"{n}"}}'.encode(), headers={"timestamp": 1.0, **headers}, id=str(n))
 

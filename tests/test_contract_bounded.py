@@ -5,10 +5,18 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
 
 import pytest
-from contract_support import BLOCK_CHECK, DriverFactory, Harness, factories_with, harness_of, ids, msg, run_in_thread
+from contract_support import (
+    BLOCK_CHECK,
+    Harness,
+    factories_with,
+    harness_fixture,
+    harness_of,
+    ids,
+    msg,
+    run_in_thread,
+)
 
 from runtime.errors import Canceled, PublishTimeout
 
@@ -16,10 +24,7 @@ pytestmark = pytest.mark.timeout(30)
 __all__ = ["harness_of"]
 BOUNDED = factories_with("bounded")
 
-
-@pytest.fixture(params=BOUNDED, ids=[f.name for f in BOUNDED])
-def h(request: pytest.FixtureRequest, harness_of: Callable[[DriverFactory], Harness]) -> Harness:
-    return harness_of(request.param)
+h = harness_fixture(BOUNDED)
 
 
 def full(h: Harness) -> str:

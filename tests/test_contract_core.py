@@ -11,20 +11,16 @@ import random
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
 
 import pytest
-from contract_support import FACTORIES, DriverFactory, Harness, harness_of, ids, msg, run_in_thread
+from contract_support import FACTORIES, Harness, harness_fixture, harness_of, ids, msg, run_in_thread
 
 from runtime.queue.message import Message
 
 pytestmark = pytest.mark.timeout(60)
 __all__ = ["harness_of"]
 
-
-@pytest.fixture(params=FACTORIES, ids=[f.name for f in FACTORIES])
-def h(request: pytest.FixtureRequest, harness_of: Callable[[DriverFactory], Harness]) -> Harness:
-    return harness_of(request.param)
+h = harness_fixture(FACTORIES)
 
 
 def test_declare_is_idempotent_and_keeps_messages(h: Harness) -> None:

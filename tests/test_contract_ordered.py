@@ -3,19 +3,14 @@ back to the head in its order."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import pytest
-from contract_support import DriverFactory, Harness, factories_with, harness_of, ids, msg
+from contract_support import Harness, factories_with, harness_fixture, harness_of, ids, msg
 
 pytestmark = pytest.mark.timeout(30)
 __all__ = ["harness_of"]
 ORDERED = factories_with("ordered")
 
-
-@pytest.fixture(params=ORDERED, ids=[f.name for f in ORDERED])
-def h(request: pytest.FixtureRequest, harness_of: Callable[[DriverFactory], Harness]) -> Harness:
-    return harness_of(request.param)
+h = harness_fixture(ORDERED)
 
 
 def test_fifo_order(h: Harness) -> None:

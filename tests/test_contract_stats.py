@@ -4,11 +4,10 @@ at every step (idle detection trusts them), checked by hand and against a model.
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from contract_support import DriverFactory, Harness, factories_with, harness_of, msg
+from contract_support import DriverFactory, Harness, factories_with, harness_fixture, harness_of, msg
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
@@ -21,10 +20,7 @@ pytestmark = pytest.mark.timeout(60)
 __all__ = ["harness_of"]
 EXACT = factories_with("exact_stats")
 
-
-@pytest.fixture(params=EXACT, ids=[f.name for f in EXACT])
-def h(request: pytest.FixtureRequest, harness_of: Callable[[DriverFactory], Harness]) -> Harness:
-    return harness_of(request.param)
+h = harness_fixture(EXACT)
 
 
 def test_counts_follow_every_step(h: Harness) -> None:
