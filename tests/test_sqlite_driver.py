@@ -243,6 +243,12 @@ def test_release_returns_at_once_and_is_not_counted(make: Callable[..., SqliteDr
     again = c.fetch(10, 1.0)
     assert ids(again) == ["0", "1", "2", "3"], "released messages go back to the head, in order"
     assert [g.attempt for g in again] == [1, 1, 1, 1]
+    # released one at a time: the later release goes in front (as with the memory driver)
+    first, second = again[:2]
+    c.release([first])
+    c.release([second])
+    c.release(again[2:])
+    assert ids(c.fetch(10, 1.0)) == ["2", "3", "1", "0"]
 
 
 def test_double_settles_return_false(make: Callable[..., SqliteDriver]) -> None:

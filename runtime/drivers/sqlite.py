@@ -519,7 +519,9 @@ class SqliteConsumer(DriverConsumer):
             self.driver._settle(_REQUEUE, d)  # to the tail at once
 
     def _release(self, deliveries: list[Delivery]) -> None:
-        for d in deliveries:
+        # Each goes to the head when written: queued last-first, so they end up in their order
+        # (and ahead of those released earlier, as with the memory driver).
+        for d in reversed(deliveries):
             self.driver._settle(_RELEASE, d)
 
     def _extend(self, deliveries: list[Delivery], seconds: float) -> None:

@@ -3,7 +3,8 @@ mean "the database cannot be used now" (see `sqlite.py` for the driver itself).
 
 One table holds every message of every queue. A row is in one of three states:
 
-* ready (0): waiting for a consumer, delivered in `seq` order;
+* ready (0): waiting for a consumer, delivered in `seq` order (a released row goes back to
+  the head: it gets a `seq` below all others);
 * taken (1): claimed by a consumer until `lease_until` (renewed while its handler runs; an
   expired lease means the claimer is gone: the row becomes ready again, attempt kept);
 * delayed (2): a delayed publish or a retry, invisible until `visible_at`; when due it is
@@ -74,8 +75,9 @@ CLAIM = """UPDATE rq_messages SET state = 1, claim = ?1, lease_until = ?2, attem
 ACK = "DELETE FROM rq_messages WHERE seq = ? AND claim = ?"
 RETRY = ("UPDATE rq_messages SET state = 2, visible_at = ?, claim = NULL, lease_until = NULL "
          "WHERE seq = ? AND claim = ?")
-RELEASE = ("UPDATE rq_messages SET state = 0, claim = NULL, lease_until = NULL, attempts = max(0, attempts - 1) "
-           "WHERE seq = ? AND claim = ?")
+# Back to the head: a seq below every row's (one row per statement, so each sees the last).
+RELEASE = ("UPDATE rq_messages SET seq = (SELECT min(seq) FROM rq_messages) - 1, state = 0, claim = NULL, "
+           "lease_until = NULL, attempts = max(0, attempts - 1) WHERE seq = ? AND claim = ?")
 REQUEUE = """INSERT INTO rq_messages (queue, state, attempts, id, headers, body)
     SELECT queue, 0, attempts, id, headers, body FROM rq_messages WHERE seq = ? AND claim = ?"""
 EXTEND = "UPDATE rq_messages SET lease_until = ? WHERE seq = ? AND claim = ?"
