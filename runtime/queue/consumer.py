@@ -180,6 +180,12 @@ class ConsumerPool:
     def _process(self, w: _Worker, d: Delivery) -> None:
         handler = w.handler
         assert handler is not None and self.source is not None
+        dl = self.queue.spec.dead_letter
+        if dl is not None and self.dead_letter is not None and d.attempt > dl.max_attempts and not self.spec.auto_ack:
+            # Delivered more often than allowed without a result: its worker stopped or crashed
+            # each time (the driver counts deliveries lost to crashes). Not run again.
+            self._fail(w, d, f"delivered {d.attempt} times without a result (its worker stopped each time)")
+            return
         if self.spec.auto_ack and self.source.ack(d):
             w.counters.acked += 1
         out: Outcome = handler.handle(d, lambda action: self._settle(w, d, action))
