@@ -237,15 +237,16 @@ def test_a_stalled_consumers_entries_are_claimed_after_claim_min_idle(make: Call
 
 def test_a_running_handlers_entries_are_renewed_and_never_claimed(make: Callable[..., RedisDriver]) -> None:
     a_drv = make(claim_min_idle=0.3, claim_interval=0.05)
-    a_drv.publish("q", [msg("slow")])
+    a_drv.publish("q", [msg("slow"), msg("prefetched"), msg("too")])
     a = a_drv.consume("q", "a", 10)
-    (x,) = a.fetch(1, 1.0)
+    x, *rest = a.fetch(3, 1.0)
+    assert len(rest) == 2
     b = make(claim_min_idle=0.3, claim_interval=0.05).consume("q", "b", 10)
     deadline = time.monotonic() + 1.5  # five times claim_min_idle
     while time.monotonic() < deadline:
         assert b.fetch(10, 0.05) == [], "a renewed entry was claimed while its handler ran"
-    assert a.ack(x) is True
-    assert a_drv.stats("q") == QueueStats(0, 0, 0)
+    assert a.ack(x) is True and a.release(rest) == 2
+    assert a_drv.stats("q") == QueueStats(2, 0, 0)
 
 
 def test_a_restarted_consumer_takes_its_own_leftovers_at_start(make: Callable[..., RedisDriver]) -> None:

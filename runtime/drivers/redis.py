@@ -149,20 +149,29 @@ for i = 3, #ARGV do
   local p = redis.call('XPENDING', stream, group, ARGV[i], ARGV[i], 1, me)
   if #p > 0 then mine[#mine + 1] = ARGV[i] else lost[#lost + 1] = ARGV[i] end
 end
-if #mine > 0 then redis.call('XCLAIM', stream, group, me, 0, unpack(mine), 'JUSTID') end
+if #mine > 0 then
+  local args = {stream, group, me, 0}
+  for _, id in ipairs(mine) do args[#args + 1] = id end
+  args[#args + 1] = 'JUSTID'
+  redis.call('XCLAIM', unpack(args))
+end
 return lost
 """
 
-# Claim: entries of the named consumers (any idle time), then of anyone idle >= min_idle.
-# ARGV = group, me, released name, min_idle_ms, count, names...
+# Claim: entries of the named consumers (any idle time), then of anyone idle >= min_idle,
+# this consumer's own included unless in flight here (an entry whose settle failed while the
+# server was away is pending under this name but held by nobody).
+# ARGV = group, me, released name, min_idle_ms, count, number of names, names..., ids in flight here...
 _CLAIM = """
 local stream, group, me, rel = KEYS[1], ARGV[1], ARGV[2], ARGV[3]
-local min_idle, n = tonumber(ARGV[4]), tonumber(ARGV[5])
+local min_idle, n, k = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+local held = {}
+for i = 7 + k, #ARGV do held[ARGV[i]] = true end
 local out = {}
 local function claim(rows, idle)
   local ids, counts = {}, {}
   for _, r in ipairs(rows) do
-    if r[2] ~= rel and (idle == 0 or r[2] ~= me) and #ids < n - #out then
+    if r[2] ~= rel and not held[r[1]] and #ids < n - #out then
       ids[#ids + 1] = r[1]; counts[r[1]] = r[4] + 1
     end
   end
@@ -172,14 +181,14 @@ local function claim(rows, idle)
     if e and e[2] then out[#out + 1] = {e[1], counts[e[1]], e[2]} end
   end
 end
-for i = 6, #ARGV do
+for i = 7, 6 + k do
   if #out < n then claim(redis.call('XPENDING', stream, group, '-', '+', n, ARGV[i]), 0) end
   if ARGV[i] ~= me and #redis.call('XPENDING', stream, group, '-', '+', 1, ARGV[i]) == 0 then
     redis.call('XGROUP', 'DELCONSUMER', stream, group, ARGV[i])
   end
 end
-if #out < n and min_idle >= 0 then
-  claim(redis.call('XPENDING', stream, group, 'IDLE', min_idle, '-', '+', n + 100), min_idle)
+if #out < n then
+  claim(redis.call('XPENDING', stream, group, 'IDLE', min_idle, '-', '+', n + 1000), min_idle)
 end
 return out
 """
@@ -417,12 +426,13 @@ class RedisDriver(Driver):
             self._bg = None
         client, self._client = self._client, None
         if client is not None:
-            if self._acks:
+            if self._acks and self.state == "closed":  # a graceful close (a reconnect keeps them queued)
                 try:
                     self._flush_acks(client)
                 except Exception as exc:  # noqa: BLE001 - those messages come back after claim_min_idle
-                    log.warning("driver %s: could not write %d ack(s) before closing (%s); those messages may be "
-                                "delivered again", self.entry_id, len(self._acks), self.describe_error(exc))
+                    log.warning("driver %s: could not write %d ack(s) before closing (%s); they are kept for the "
+                                "next connection (else those messages are delivered again)", self.entry_id,
+                                len(self._acks), self.describe_error(exc))
             client.close()
             client.connection_pool.disconnect()
 
@@ -731,6 +741,7 @@ class RedisConsumer(DriverConsumer):
         consumer's own leftovers) at once, anyone's idle past claim_min_idle."""
         d = self.driver
         self._next_claim = time.monotonic() + d.claim_interval
+        d._flush_acks(client)  # an entry acked here is not claimed back
         names = [self.name] if self._first_claim else []
         self._first_claim = False
         for info in client.xinfo_consumers(self._stream, d.group):
@@ -739,10 +750,9 @@ class RedisConsumer(DriverConsumer):
             host, _, pid = where.rpartition(":")
             if who and host == d.host and pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
                 names.append(name)
-        mine = {dl.token[0] for dl in self.deliveries()}
-        rows = d._scripts["claim"](keys=[self._stream],
-                                   args=[d.group, self.name, RELEASED, int(d.claim_min_idle * 1000), n, *names])
-        rows = [r for r in rows if r[0] not in mine]
+        held = [dl.token[0] for dl in self.deliveries()]
+        rows = d._scripts["claim"](keys=[self._stream], args=[d.group, self.name, RELEASED,
+                                   int(d.claim_min_idle * 1000), n, len(names), *names, *held])
         got = self._deliveries(rows)
         if got:
             log.info("consumer %s: claimed %d message(s) of %s left by a stopped or stalled consumer",

@@ -165,6 +165,9 @@ class ConsumerPool:
         w.current = d
         try:
             self._process(w, d)
+        except DriverUnavailable as exc:  # settling failed: the engine keeps the message and hands it out again
+            log.warning("consumer %s: could not settle message %s (%s); the driver delivers it again after its "
+                        "recovery time", self.spec.id, d.message.id, exc)
         except Exception as exc:  # noqa: BLE001 - a host bug must not kill the worker or lose the message
             log.exception("consumer %s: internal error on message %s", self.spec.id, d.message.id)
             try:
