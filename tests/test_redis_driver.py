@@ -86,8 +86,15 @@ def raw() -> redis.Redis:
 def test_kind_fields_and_errors() -> None:
     assert driver_class("queue.driver.redis") is RedisDriver
     d = RedisDriver("x:r", {"addrs": ["10.0.0.5:6380"], "group": "g", "key_prefix": "p:"})
-    assert d.url == "redis://10.0.0.5:6380/0" and d.group == "g" and d.stream("jobs") == "p:jobs"
-    assert RedisDriver("x:r", {}).url == "redis://127.0.0.1:6379/0"
+    assert d.url == "redis://10.0.0.5:6380" and d.group == "g" and d.stream("jobs") == "p:jobs"
+    assert RedisDriver("x:r", {}).url == "redis://127.0.0.1:6379"
+    with pytest.raises(ConfigError, match="db is given both"):
+        RedisDriver("x:r", {"url": "redis://h:1/2", "db": 3})
+    RedisDriver("x:r", {"url": "redis://h:1/2", "db": 0})  # the registry's default: the url's db counts
+    RedisDriver("x:r", {"url": "redis://h:1/2", "db": 2})
+    with pytest.raises(ConfigError, match="password is given both") as both:
+        RedisDriver("x:r", {"url": "redis://:pw-in-url@h:1", "password": "pw-field"})
+    assert "pw-in-url" not in str(both.value) and "pw-field" not in str(both.value)
     with pytest.raises(ConfigError, match="one host:port"):
         RedisDriver("x:r", {"addrs": ["a:1", "b:2"]})
     with pytest.raises(ConfigError, match="redis://"):
@@ -110,7 +117,8 @@ def test_passwords_are_masked_in_errors_and_logs(caplog: pytest.LogCaptureFixtur
     assert mask_url("redis://bob:hunter2@h:1/0") == "redis://bob:***@h:1/0"
     assert mask_url("rediss://:hunter2@h/2") == "rediss://:***@h/2"
     assert "hunter2" not in mask_url("redis://u:hunter2@[::1]:7/0")
-    d = RedisDriver("x:r", {"url": "redis://bob:hunter2@127.0.0.1:1/0", "password": "s3cret-pw", "dial_timeout": 0.5})
+    d = RedisDriver("x:r", {"url": "redis://127.0.0.1:1/0", "username": "bob", "password": "s3cret-pw",
+                            "dial_timeout": 0.5})
     caplog.set_level(logging.DEBUG)
     with pytest.raises(DriverUnavailable) as err:
         d.open()
@@ -139,7 +147,30 @@ def test_wrong_password_is_refused_without_showing_it(server: RedisServer) -> No
         ok.close()
 
 
+def test_the_db_field_selects_the_database(server: RedisServer) -> None:
+    d = RedisDriver("x:r", {"url": f"redis://127.0.0.1:{server.port}", "db": 3})
+    d.open()
+    try:
+        d.declare("q", {})
+        d.publish("q", [msg(1)])
+        with redis.Redis(port=server.port, db=3, socket_timeout=5) as r3, server.client() as r0:
+            assert r3.xlen("runtime:q") == 1 and r0.exists("runtime:q") == 0
+    finally:
+        d.close()
+
+
 # -- the stream layout ----------------------------------------------------------------------
+
+def test_a_deleted_stream_is_declared_again_and_consumers_carry_on(make: Callable[..., RedisDriver]) -> None:
+    d = make()
+    c = d.consume("q", "c", 10)
+    assert c.fetch(10, 0.01) == []
+    with raw() as r:
+        r.delete(d.stream("q"))
+    assert c.fetch(10, 0.01) == []  # NOGROUP: declared again, logged
+    d.publish("q", [msg("after")])
+    assert ids(c.fetch(10, 1.0)) == ["after"]
+
 
 def test_one_stream_one_group_acked_entries_deleted(make: Callable[..., RedisDriver]) -> None:
     d = make()

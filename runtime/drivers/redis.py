@@ -341,12 +341,19 @@ class RedisDriver(Driver):
             if len(items) != 1:
                 raise ConfigError(f"driver {self.entry_id}: addrs lists {len(items)} addresses; this driver "
                                   "talks to one server (no cluster or sentinel): give one host:port")
-            url = f"redis://{items[0]}/0"
-        url = str(url or "redis://127.0.0.1:6379/0")
+            url = f"redis://{items[0]}"
+        url = str(url or "redis://127.0.0.1:6379")
         parts = urlsplit(url)
         if parts.scheme not in ("redis", "rediss"):
             raise ConfigError(f"driver {self.entry_id}: url must start with redis:// or rediss://, "
                               f"not {mask_url(url)}")
+        # redis-py lets the url win over separate fields: a field given twice is refused, not ignored.
+        db = parts.path.strip("/")
+        for key, in_url in (("username", parts.username), ("password", parts.password),
+                            ("db", db if db and db != str(o.get("db")) else None)):
+            if o.get(key) not in (None, "", 0) and in_url not in (None, ""):
+                raise ConfigError(f"driver {self.entry_id}: {key} is given both in the url and as a field; "
+                                  "give it once")
         return url
 
     def _pool_kwargs(self) -> dict[str, Any]:
@@ -685,9 +692,20 @@ class RedisConsumer(DriverConsumer):
         return out
 
     def _fetch(self, max_count: int, wait: float) -> list[Delivery]:
+        try:
+            return self._fetch_from(self.driver._redis(), min(max_count, MAX_BATCH), wait)
+        except redis.ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            # The stream or its group is gone (deleted, evicted, a server restarted without its
+            # data): declare it again; the next fetch reads from it.
+            log.warning("consumer %s: the stream of %s or its group is gone (%s); declaring it again",
+                        self.consumer_id, self.queue, exc)
+            self.driver._declare(self.queue, self.driver.queues.get(self.queue, {}))
+            return []
+
+    def _fetch_from(self, client: redis.Redis, n: int, wait: float) -> list[Delivery]:
         d = self.driver
-        client = d._redis()
-        n = min(max_count, MAX_BATCH)
         deadline = time.monotonic() + wait
         if time.monotonic() >= self._next_claim:
             claimed = self._claim(client, n)
