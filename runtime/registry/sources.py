@@ -158,16 +158,19 @@ def read_definition_file(path: Path, app_dir: Path) -> tuple[list[RawEntry], lis
         if not isinstance(item, LineDict):
             problems.append(Problem(where, line, f"entry #{index + 1} must be a mapping with 'name' and 'kind'"))
             continue
+        label = _entry_label(namespace, index, item.get("name"))
+        sub.label = label
         data = sub.value(item, line)
+        sub.label = ""
         name, kind = data.get("name"), data.get("kind")
         bad = False
         for field, value in (("name", name), ("kind", kind)):
             if value is None:
-                problems.append(Problem(where, line, f"entry #{index + 1}: missing required field '{field}'"))
+                problems.append(Problem(where, line, f"{label}: missing required field '{field}'"))
                 bad = True
             elif not isinstance(value, str) or not value.strip():
                 problems.append(Problem(where, data.line_of(field),
-                                        f"entry #{index + 1}: '{field}' must be a non-empty string"))
+                                        f"{label}: '{field}' must be a non-empty string"))
                 bad = True
         if bad:
             continue
@@ -186,6 +189,15 @@ def read_definition_file(path: Path, app_dir: Path) -> tuple[list[RawEntry], lis
     return out, problems
 
 
+def _entry_label(namespace: str | None, index: int, name: Any) -> str:
+    """How a problem names its entry: by ID, or by position (and name) when there is no ID."""
+    if isinstance(name, str) and name.strip() and ":" not in name and "${" not in name and namespace:
+        return f"entry {namespace}:{name}"
+    if isinstance(name, str) and name.strip():
+        return f"entry #{index + 1} ('{name}')"
+    return f"entry #{index + 1}"
+
+
 class _Substituter:
     """Applies `${env:...}` and `file://` to every string value of a YAML tree."""
 
@@ -195,9 +207,10 @@ class _Substituter:
         self.where = where
         self.problems = problems
         self.seen: set[int] = set()  # YAML aliases share containers: visit each once
+        self.label = ""  # the entry being read, named in every problem
 
     def problem(self, line: int, message: str) -> None:
-        self.problems.append(Problem(self.where, line, message))
+        self.problems.append(Problem(self.where, line, f"{self.label}: {message}" if self.label else message))
 
     def value(self, v: Any, line: int, block: bool = False) -> Any:
         if isinstance(v, (LineDict, LineList)):
@@ -270,6 +283,7 @@ class _Substituter:
         try:
             text = decode_text(raw)
         except YamlProblem as exc:
-            self.problems.append(Problem(display_path(target), exc.line, exc.message))
+            message = f"{self.label}: {exc.message}" if self.label else exc.message
+            self.problems.append(Problem(display_path(target), exc.line, message))
             return ""
         return SourceText(text, target, 1, inline=False)
