@@ -48,11 +48,25 @@ def _parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="validate an application and list every problem")
     check.add_argument("app_dir", nargs="?", default=".", metavar="APP_DIR")
 
+    inspect = sub.add_parser("inspect", help="print each queue's counts, connecting to the drivers only")
+    inspect.add_argument("app_dir", nargs="?", default=".", metavar="APP_DIR")
+    inspect.add_argument("--json", action="store_true", help="one JSON document instead of a table")
+
+    dlq = sub.add_parser("dlq", help="list, replay or purge the messages of a dead-letter queue")
+    dlq.add_argument("action", choices=("list", "replay", "purge"))
+    dlq.add_argument("app_dir", metavar="APP_DIR")
+    dlq.add_argument("queue_id", metavar="QUEUE_ID", help="the dead-letter queue's ID")
+    dlq.add_argument("--id", action="append", dest="ids", metavar="ID", help="only this message id (repeatable)")
+    dlq.add_argument("--all", action="store_true", help="every message (replay and purge need --id, --limit or --all)")
+    dlq.add_argument("--limit", type=int, metavar="N", help="at most N messages")
+    dlq.add_argument("--json", action="store_true", help="JSON output")
+    dlq.add_argument("--yes", action="store_true", help="purge without asking")
+
     call = sub.add_parser("call", help="run one function.lua entry and print its result as JSON")
     call.add_argument("app_dir", metavar="APP_DIR")
     call.add_argument("func_id", metavar="FUNC_ID", help="the function's registry ID, e.g. app:greet")
     call.add_argument("args", nargs="*", metavar="JSON", help="arguments, each a JSON value")
-    for p in (run, check, call):
+    for p in (run, check, call, inspect, dlq):
         p.add_argument("--log-level", choices=sorted(set(LEVEL_NAMES) - {"warning"}), default="info")
         p.add_argument("--log-format", choices=("text", "json"), default="text")
     return parser
@@ -120,6 +134,92 @@ def cmd_call(args: argparse.Namespace) -> int:
         app.stop()
     print(json.dumps(_jsonable(result), ensure_ascii=False, allow_nan=True))
     return EXIT_OK
+
+
+def _count(value: Any) -> str:
+    return "-" if value is None else str(value)
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from .admin import inspect
+    try:
+        app = App.load(args.app_dir)
+        rows = inspect(app)
+    except ConfigError as err:
+        _print_problems(err)
+        return EXIT_CONFIG
+    except RuntimeHostError as err:
+        print(f"runtime inspect: {err}", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.json:
+        print(json.dumps({"queues": rows}, indent=2))
+        return EXIT_OK
+    from rich.console import Console
+    from rich.table import Table
+    table = Table(title=f"queues of {args.app_dir}", expand=False)
+    for col in ("queue", "driver", "ready", "in flight", "delayed", "dead-letter queue", "dead letters"):
+        table.add_column(col, justify="left" if col in ("queue", "driver", "dead-letter queue") else "right")
+    for r in rows:
+        table.add_row(r["queue"], r["driver"], _count(r["ready"]), _count(r["in_flight"]), _count(r["delayed"]),
+                      r["dead_letter_queue"] or "", _count(r["dead_letters"]))
+    Console(width=max(100, Console().width)).print(table)
+    if any(r["in_process_only"] for r in rows):
+        print("-: the queue is on an in-process driver (queue.driver.memory); its messages exist only inside a "
+              "running `runtime run`, so there is nothing to see from outside.")
+    return EXIT_OK
+
+
+def cmd_dlq(args: argparse.Namespace) -> int:
+    from . import admin
+    ids = set(args.ids) if args.ids else None
+    if args.action in ("replay", "purge") and ids is None and not args.all and args.limit is None:
+        args.parser.error(f"dlq {args.action}: say which messages: --id ID (repeatable), --limit N (the oldest N) "
+                          "or --all")
+    if args.limit is not None and args.limit < 1:
+        args.parser.error("--limit must be 1 or more")
+    try:
+        app = App.load(args.app_dir)
+        if args.action == "list":
+            rows = admin.list_dead_letters(app, args.queue_id, ids, args.limit if args.all or ids else
+                                           args.limit or 100)
+            if args.json:
+                print(json.dumps(rows, indent=2))
+            else:
+                for r in rows:
+                    print(f"{r['id']}  attempts={r['attempts']}  from={r['original_queue']}  at={r['time']}  "
+                          f"reason={r['reason']}")
+                print(f"{len(rows)} dead letter{'s' if len(rows) != 1 else ''}", file=sys.stderr)
+            return EXIT_OK
+        if args.action == "purge" and not args.yes:
+            admin.dead_letter_queue(app, args.queue_id)  # unknown or in-process queue: say so first
+            what = f"{len(ids)} message(s)" if ids else "every message"
+            if not sys.stdin.isatty():
+                print(f"runtime dlq purge: would delete {what} of {args.queue_id}; pass --yes to confirm "
+                      "(no terminal to ask on)", file=sys.stderr)
+                return EXIT_USAGE
+            answer = input(f"Delete {what} of {args.queue_id} for good? [y/N] ")
+            if answer.strip().lower() not in ("y", "yes"):
+                print("nothing deleted", file=sys.stderr)
+                return EXIT_OK
+        if args.action == "purge":
+            n = admin.purge(app, args.queue_id, ids, args.limit)
+            print(f"purged {n} dead letter{'s' if n != 1 else ''} from {args.queue_id}")
+            return EXIT_OK
+        done = admin.replay(app, args.queue_id, ids, args.limit)
+    except ConfigError as err:
+        _print_problems(err)
+        return EXIT_CONFIG
+    except RuntimeHostError as err:
+        print(f"runtime dlq: {err}", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.json:
+        print(json.dumps(done, indent=2))
+    else:
+        for r in done:
+            print(f"{r['id']}  -> {r['to']}" if r["replayed"] else f"{r['id']}  not replayed: {r['error']}")
+    replayed = sum(r["replayed"] for r in done)
+    print(f"replayed {replayed} dead letter{'s' if replayed != 1 else ''}", file=sys.stderr)
+    return EXIT_OK if replayed == len(done) else EXIT_CONFIG
 
 
 def _read_publishes(items: list[str], parser: argparse.ArgumentParser) -> list[tuple[str, Any]]:
@@ -326,7 +426,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.parser = parser
     configure_logging(args.log_level, args.log_format)
-    handler = {"run": cmd_run, "check": cmd_check, "call": cmd_call}[args.command]
+    handler = {"run": cmd_run, "check": cmd_check, "call": cmd_call, "inspect": cmd_inspect,
+               "dlq": cmd_dlq}[args.command]
     return handler(args)
 
 
