@@ -9,7 +9,7 @@ import weakref
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError, LuaHandlerError, PermissionDenied, Problem, ShutdownTimeout
+from .errors import ConfigError, LuaHandlerError, PermissionDenied, Problem, RuntimeHostError, ShutdownTimeout
 from .lifecycle.security import Authorizer, policy_problems
 from .lifecycle.services import ConsumerService, ProcessService
 from .lifecycle.supervisor import Supervisor
@@ -38,6 +38,7 @@ class App:
         self._local = threading.local()
         self._call_sandboxes: weakref.WeakSet[LuaSandbox] = weakref.WeakSet()  # App.call's; stop cancels them
         self.activity = Activity()  # grows whenever a message moves; idle waits on it
+        self.measure_durations = False  # consumers time their handlers (for metrics); set before start()
         self._supervisor: Supervisor | None = None
         self._consumers: dict[str, ConsumerService] = {}
         self._past_counts: dict[str, dict[str, int]] = {}  # counts of consumers stopped before
@@ -117,6 +118,7 @@ class App:
         if self._supervisor is not None:
             return self
         supervisor = Supervisor(self.registry, self.router, self.new_sandbox, self._drivers, self.activity)
+        supervisor.timed = self.measure_durations
         supervisor.start(part)
         self._supervisor = supervisor
         self._consumers = {s.id: s for s in supervisor.services() if isinstance(s, ConsumerService)}
@@ -197,6 +199,24 @@ class App:
             for key, value in counts.items():
                 total[key] = total.get(key, 0) + value if key != "in_flight" else value
         return consumers
+
+    def metrics_snapshot(self) -> dict[str, Any]:
+        """What `--metrics` exports: per consumer counts, in-flight, workers and handler
+        durations; per queue counts; per driver reconnects."""
+        consumers: dict[str, dict[str, Any]] = {cid: dict(c, workers=0) for cid, c in self.consumer_stats().items()}
+        for cid, svc in self._consumers.items():
+            if svc.pool is not None:
+                d = svc.pool.durations()
+                consumers[cid].update(workers=len(svc.pool.workers), durations=d.counts, duration_sum=d.total)
+        queues = {}
+        for qid, bound in self.router.queues.items():
+            try:
+                queues[qid] = bound.info()
+            except RuntimeHostError:
+                continue  # its driver is unreachable now: no gauge rather than a failed scrape
+        drivers = {did: {"reconnects": d.reconnects, "connected": d.state == "open"}
+                   for did, d in self._drivers.items()}
+        return {"consumers": consumers, "queues": queues, "drivers": drivers}
 
     def reconnecting(self) -> set[str]:
         """IDs of the consumers waiting for their driver to reconnect."""

@@ -43,7 +43,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--no-progress", action="store_true", help="no live progress display on a terminal")
     run.add_argument("--processes", type=int, default=1, metavar="N",
                      help="run the consumers in N worker processes (queues on a shared driver such as sqlite)")
+    run.add_argument("--metrics", metavar="HOST:PORT",
+                     help="serve Prometheus metrics at http://HOST:PORT/metrics (needs the 'metrics' extra)")
     run.add_argument("--worker-process", action="store_true", help=argparse.SUPPRESS)
+    run.add_argument("--worker-metrics", action="store_true", help=argparse.SUPPRESS)
 
     check = sub.add_parser("check", help="validate an application and list every problem")
     check.add_argument("app_dir", nargs="?", default=".", metavar="APP_DIR")
@@ -303,6 +306,8 @@ def _worker_argv(args: argparse.Namespace) -> list[str]:
             "--log-level", args.log_level, "--log-format", args.log_format]
     if args.strict_security:
         argv.append("--strict-security")
+    if args.metrics:
+        argv.append("--worker-metrics")
     if args.stop_timeout is not None:
         argv += ["--stop-timeout", str(args.stop_timeout)]
     return argv
@@ -319,6 +324,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     signals.install()
     if args.processes < 1:
         args.parser.error("--processes must be 1 or more")
+    metrics_address = None
+    if args.metrics:
+        from .metrics import parse_address
+        try:
+            metrics_address = parse_address(args.metrics)
+        except ValueError as exc:
+            args.parser.error(str(exc))
     try:
         publishes = _read_publishes(args.publish, args.parser)
         app = App.load(args.app_dir, strict_security=args.strict_security)
@@ -329,14 +341,23 @@ def cmd_run(args: argparse.Namespace) -> int:
             check_shared(app, args.processes)
     except RuntimeHostError as err:
         return _failed(err)
+    app.measure_durations = bool(metrics_address or args.worker_metrics)
     if args.worker_process:
         return _run_worker(app, signals)
     if args.processes > 1:
-        return _run_parent(app, args, publishes, signals)
+        return _run_parent(app, args, publishes, signals, metrics_address)
     try:
         app.start()
+        if metrics_address is not None:
+            from .metrics import serve
+            serve(metrics_address, app.metrics_snapshot)
     except RuntimeHostError as err:
+        _stop(app, args.stop_timeout)
         return _failed(err, "cannot start: ")
+    except OSError as err:
+        _stop(app, args.stop_timeout)
+        print(f"runtime run: --metrics {args.metrics}: {err.strerror or err}", file=sys.stderr)
+        return EXIT_CONFIG
     started = time.monotonic()
     services = len(app.service_ids())
     logging.getLogger("runtime").info(
@@ -397,8 +418,21 @@ def _run_worker(app: App, signals: _Signals) -> int:
     return EXIT_SHUTDOWN_TIMEOUT if overran else EXIT_OK
 
 
-def _run_parent(app: App, args: argparse.Namespace, publishes: list[tuple[str, Any]], signals: _Signals) -> int:
-    from .multiprocess import run_parent
+def _run_parent(app: App, args: argparse.Namespace, publishes: list[tuple[str, Any]], signals: _Signals,
+                metrics_address: tuple[str, int] | None) -> int:
+    from .multiprocess import WorkerPool, run_parent
+
+    def serve_metrics(pool: WorkerPool) -> None:
+        if metrics_address is None:
+            return
+        from .metrics import serve
+
+        def snapshot() -> dict[str, Any]:
+            own = app.metrics_snapshot()
+            return {**own, "consumers": pool.totals(), "worker_restarts": pool.restarts()}
+
+        serve(metrics_address, snapshot)
+
     started = time.monotonic()
     code = EXIT_OK
     pool = None
@@ -406,9 +440,13 @@ def _run_parent(app: App, args: argparse.Namespace, publishes: list[tuple[str, A
         logging.getLogger("runtime").info("starting %d worker processes for %s%s", args.processes, args.app_dir,
                                           "" if args.until_idle else "; press Ctrl-C to stop")
         pool, code = run_parent(app, _worker_argv(args), args.processes, signals.stop, args.until_idle,
-                                _stop_budget(app, args.stop_timeout), lambda: _publish_all(app, publishes, signals))
+                                _stop_budget(app, args.stop_timeout), lambda: _publish_all(app, publishes, signals),
+                                serve_metrics)
     except RuntimeHostError as err:
         code = _failed(err)
+    except OSError as err:
+        print(f"runtime run: --metrics {args.metrics}: {err.strerror or err}", file=sys.stderr)
+        code = EXIT_CONFIG
     finally:
         elapsed = time.monotonic() - started
         code = _stop(app, args.stop_timeout) or code

@@ -111,6 +111,7 @@ class ConsumerService(Service):
         self.router = router
         self.make_sandbox = make_sandbox
         self.pool: ConsumerPool | None = None
+        self.timed = False  # measure handler durations (set by the app for --metrics)
 
     def start(self) -> None:
         queue = self.router.bound(self.spec.queue)
@@ -130,6 +131,7 @@ class ConsumerService(Service):
             return LuaHandler(make_sandbox, self.spec.func, queue.codec, timeout)
 
         self.pool = ConsumerPool(self.spec, queue, dead_letter, make_handler)
+        self.pool.timed = self.timed
         self.pool.start()
 
     def begin_stop(self) -> None:

@@ -26,12 +26,15 @@ class Supervisor:
         self.router = router
         self.make_sandbox = make_sandbox
         self.started: list[Service] = []
+        self.timed = False  # consumers measure handler durations (--metrics)
 
     def _service(self, spec: EntrySpec) -> Service | None:
         if isinstance(spec, DriverSpec):
             return DriverService(spec, self.router, self.drivers, self.activity)
         if isinstance(spec, ConsumerSpec):
-            return ConsumerService(spec, self.router, self.make_sandbox)
+            service = ConsumerService(spec, self.router, self.make_sandbox)
+            service.timed = self.timed
+            return service
         if isinstance(spec, ServiceSpec):
             return ProcessService(spec, self.make_sandbox)
         return None

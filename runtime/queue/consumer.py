@@ -16,9 +16,11 @@ import logging
 import random
 import threading
 import time
+from bisect import bisect_left
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from time import perf_counter
 
 from ..drivers.catalog import driver_key
 from ..errors import DriverUnavailable, LuaHandlerError, RuntimeHostError
@@ -41,6 +43,22 @@ class Counters:
     processed: int = 0
 
 
+# Upper bounds (seconds) of the handler-duration histogram's buckets (`--metrics`).
+DURATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+@dataclass
+class Durations:
+    """One worker's handler durations: counts per bucket (the last one above every bound)."""
+
+    counts: list[int] = field(default_factory=lambda: [0] * (len(DURATION_BUCKETS) + 1))
+    total: float = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect_left(DURATION_BUCKETS, seconds)] += 1
+        self.total += seconds
+
+
 @dataclass
 class _Worker:
     index: int
@@ -48,6 +66,7 @@ class _Worker:
     thread: threading.Thread | None = None
     current: Delivery | None = None
     counters: Counters = field(default_factory=Counters)
+    durations: Durations = field(default_factory=Durations)
 
 
 class ConsumerPool:
@@ -69,6 +88,7 @@ class ConsumerPool:
         self.started = False
         self.retry = queue.spec.retry
         self.reconnecting = False
+        self.timed = False  # measure handler durations (for --metrics); off: no clock reads per message
         self._counted = False  # this pool is in its queue's consumer_count
 
     # -- start -------------------------------------------------------------------------------
@@ -182,7 +202,12 @@ class ConsumerPool:
         assert handler is not None and self.source is not None
         if self.spec.auto_ack and self.source.ack(d):
             w.counters.acked += 1
-        out: Outcome = handler.handle(d, lambda action: self._settle(w, d, action))
+        if self.timed:
+            began = perf_counter()
+            out: Outcome = handler.handle(d, lambda action: self._settle(w, d, action))
+            w.durations.observe(perf_counter() - began)
+        else:
+            out = handler.handle(d, lambda action: self._settle(w, d, action))
         if out.status == ACK:
             if not self.spec.auto_ack and self.source.ack(d):
                 w.counters.acked += 1
@@ -306,6 +331,14 @@ class ConsumerPool:
             self.source.release(pending)  # back to the head, in their order
 
     # -- stats -------------------------------------------------------------------------------
+    def durations(self) -> Durations:
+        """Handler durations of all workers added up."""
+        total = Durations()
+        for w in self.workers:
+            total.counts = [a + b for a, b in zip(total.counts, w.durations.counts, strict=True)]
+            total.total += w.durations.total
+        return total
+
     def stats(self) -> dict[str, int]:
         total = Counters()
         in_flight = 0
