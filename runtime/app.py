@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -17,11 +18,37 @@ from .lua.sandbox import LuaSandbox
 from .lua.syntax import check_lua_sources
 from .queue.driver import Activity, Driver
 from .queue.router import QueueRouter
-from .registry import FunctionSpec, PolicySpec, Registry, display_path, load_registry
+from .registry import FunctionSpec, PolicySpec, QueueSpec, Registry, display_path, load_registry
 from .registry.kinds import SecurityContext
 
 _security_log = logging.getLogger("runtime.security")
 IDLE_RECHECK = 0.05  # seconds: the longest idle detection waits without a wake-up
+
+
+def changed_entries(old: Registry, new: Registry) -> set[str]:
+    """IDs of entries added, removed or changed between two registries of one app (where
+    an entry sits in its file does not count)."""
+    ids = set(old.entries) | set(new.entries)
+    return {i for i in ids if _comparable(old.entries.get(i)) != _comparable(new.entries.get(i))}
+
+
+def _comparable(spec: Any) -> Any:
+    return None if spec is None else dataclasses.replace(spec, line=0)
+
+
+def _with_dependents(registry: Registry, ids: set[str]) -> set[str]:
+    """`ids` and every entry that depends on one of them, transitively."""
+    users: dict[str, list[str]] = {}
+    for entry_id, deps in registry.dependencies.items():
+        for dep in deps:
+            users.setdefault(dep, []).append(entry_id)
+    out, todo = set(ids), list(ids)
+    while todo:
+        for user in users.get(todo.pop(), ()):
+            if user not in out:
+                out.add(user)
+                todo.append(user)
+    return out
 
 
 class App:
@@ -124,6 +151,43 @@ class App:
         self._consumers = {s.id: s for s in supervisor.services() if isinstance(s, ConsumerService)}
         return self
 
+    def reload(self, registry: Registry) -> list[str]:
+        """Switch a running app to a new, validated registry of the same app (`--watch`):
+        only the services whose definitions changed, or that depend on a changed entry (a
+        Lua source, an imported library, their queue or driver), are stopped gracefully
+        and started again; the rest keep running. Memory queues keep their contents.
+        Returns the IDs of the services started again."""
+        old = self.registry
+        affected = changed_entries(old, registry)
+        affected = _with_dependents(old, affected) | _with_dependents(registry, affected)
+        try:
+            return self._switch(registry, affected)
+        except RuntimeHostError:
+            # A changed handler that fails when it starts: back to the previous definitions.
+            self._switch(old, affected)
+            raise
+
+    def _switch(self, registry: Registry, affected: set[str]) -> list[str]:
+        self.registry = registry
+        self.router.registry = registry
+        self.authorizer = Authorizer(registry, strict=self.strict_security)
+        self.router.authorize = self._authorize_publish if self.strict_security or registry.of_type(PolicySpec) \
+            else None
+        for qid in [q for q in self.router.queues if q in affected]:
+            bound = self.router.queues.pop(qid)
+            spec = registry.get(qid, QueueSpec)
+            if spec is not None and spec.driver == bound.spec.driver and spec.driver not in affected:
+                self.router.bind(spec, bound.driver)  # same driver: declared again, contents kept
+        if self._supervisor is None:
+            return []
+        stopping = {cid: svc.pool for cid, svc in self._consumers.items() if cid in affected and svc.pool}
+        try:
+            restarted = self._supervisor.restart(registry, affected)
+        finally:  # a restarted consumer's counts add up, as across start/stop (read once it stopped)
+            self._bank_counts({cid: pool.stats() for cid, pool in stopping.items() if not pool.started})
+            self._consumers = {s.id: s for s in self._supervisor.services() if isinstance(s, ConsumerService)}
+        return restarted
+
     def service_ids(self) -> list[str]:
         """IDs of the running services, in start order."""
         return [s.id for s in self._supervisor.services()] if self._supervisor else []
@@ -176,16 +240,20 @@ class App:
         supervisor, self._supervisor = self._supervisor, None
         if supervisor is not None:
             overran = supervisor.stop(timeout)
-            for cid, counts in self._current_counts().items():  # stats add up across restarts
-                past = self._past_counts.setdefault(cid, dict.fromkeys(counts, 0))
-                for key, value in counts.items():
-                    if key != "in_flight":
-                        past[key] += value
+            self._bank_counts(self._current_counts())  # stats add up across restarts
             self._consumers = {}
         for sandbox in list(self._call_sandboxes):
             sandbox.close()  # cancels a time.sleep in App.call on another thread
         if overran:
             raise ShutdownTimeout(f"did not stop in time: {', '.join(overran)} (their messages were returned)")
+
+    def _bank_counts(self, counts: dict[str, dict[str, int]]) -> None:
+        """Keep the counts of consumers that stopped, so stats add up across restarts."""
+        for cid, c in counts.items():
+            past = self._past_counts.setdefault(cid, dict.fromkeys(c, 0))
+            for key, value in c.items():
+                if key != "in_flight":
+                    past[key] += value
 
     def _current_counts(self) -> dict[str, dict[str, int]]:
         return {cid: svc.pool.stats() for cid, svc in self._consumers.items() if svc.pool is not None}

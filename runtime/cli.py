@@ -45,6 +45,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="run the consumers in N worker processes (queues on a shared driver such as sqlite)")
     run.add_argument("--metrics", metavar="HOST:PORT",
                      help="serve Prometheus metrics at http://HOST:PORT/metrics (needs the 'metrics' extra)")
+    run.add_argument("--watch", action="store_true",
+                     help="reload when a definition or Lua file changes, restarting only what the change affects")
     run.add_argument("--worker-process", action="store_true", help=argparse.SUPPRESS)
     run.add_argument("--worker-metrics", action="store_true", help=argparse.SUPPRESS)
 
@@ -324,6 +326,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     signals.install()
     if args.processes < 1:
         args.parser.error("--processes must be 1 or more")
+    if args.watch and args.processes > 1:
+        args.parser.error("--watch works in one process; it cannot be combined with --processes yet")
     metrics_address = None
     if args.metrics:
         from .metrics import parse_address
@@ -358,6 +362,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         _stop(app, args.stop_timeout)
         print(f"runtime run: --metrics {args.metrics}: {err.strerror or err}", file=sys.stderr)
         return EXIT_CONFIG
+    if args.watch:
+        from .watch import Watcher
+        Watcher(app, args.app_dir, signals.stop, strict_security=args.strict_security).start()
     started = time.monotonic()
     services = len(app.service_ids())
     logging.getLogger("runtime").info(

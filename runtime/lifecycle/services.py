@@ -60,6 +60,8 @@ class DriverService(Service):
 
     def start(self) -> None:
         self.driver = self.drivers.get(self.spec.id)
+        if self.driver is not None and self.driver.options != dict(self.spec.options):
+            self.driver = None  # its definition changed (--watch): a new driver, the old one is closed
         if self.driver is None:
             restart = self.spec.lifecycle.restart
             backoff = Backoff(restart.initial_delay, restart.max_delay) if restart else None
