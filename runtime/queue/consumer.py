@@ -67,6 +67,7 @@ class _Worker:
     current: Delivery | None = None
     counters: Counters = field(default_factory=Counters)
     durations: Durations = field(default_factory=Durations)
+    settle: Callable[[str], None] | None = None  # msg:ack()/msg:nack(), see ConsumerPool._settler
 
 
 class ConsumerPool:
@@ -80,6 +81,8 @@ class ConsumerPool:
         self.dead_letter = dead_letter
         self.make_handler = make_handler
         self.workers = [_Worker(i) for i in range(spec.concurrency)]
+        for w in self.workers:
+            w.settle = self._settler(w)
         self.source: DriverConsumer | None = None
         self._buffer: deque[Delivery] = deque()
         self._refill = threading.Lock()
@@ -204,10 +207,10 @@ class ConsumerPool:
             w.counters.acked += 1
         if self.timed:
             began = perf_counter()
-            out: Outcome = handler.handle(d, lambda action: self._settle(w, d, action))
+            out: Outcome = handler.handle(d, w.settle)  # type: ignore[arg-type]
             w.durations.observe(perf_counter() - began)
         else:
-            out = handler.handle(d, lambda action: self._settle(w, d, action))
+            out = handler.handle(d, w.settle)  # type: ignore[arg-type]
         if out.status == ACK:
             if not self.spec.auto_ack and self.source.ack(d):
                 w.counters.acked += 1
@@ -220,6 +223,18 @@ class ConsumerPool:
         if self.spec.auto_ack:
             return  # at-most-once: already settled, not redelivered
         self._fail(w, d, out.error or "handler failed")
+
+    def _settler(self, w: _Worker) -> Callable[[str], None]:
+        """A worker's early-settle callback (msg:ack()/msg:nack()), made once per worker:
+        it settles the delivery the worker is running."""
+
+        def settle(action: str) -> None:
+            d = w.current
+            if d is None:
+                raise RuntimeHostError("no message to settle")
+            self._settle(w, d, action)
+
+        return settle
 
     def _settle(self, w: _Worker, d: Delivery, action: str) -> None:
         assert self.source is not None

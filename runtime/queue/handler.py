@@ -27,6 +27,9 @@ class Outcome(NamedTuple):
     what: str | None = None  # what went wrong, for the log ("ran out of memory ...")
 
 
+ACKED = Outcome(ACK)  # the common outcome, made once
+
+
 class Handler(Protocol):
     def handle(self, delivery: Delivery, settle: Callable[[str], None]) -> Outcome:
         """Run on one delivery; `settle("ack"|"nack")` settles it early (msg:ack())."""
@@ -79,7 +82,7 @@ class LuaHandler:
             bridge.delivery = None
         status, error, tb, kind = result
         if status == ACK:
-            return Outcome(ACK)
+            return ACKED
         if status == UNDECODABLE:
             return Outcome(UNDECODABLE, error, tb, "Invalid", "could not decode the message body")
         what = None
