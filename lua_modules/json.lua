@@ -7,7 +7,8 @@
 --   encode_lenient(v) -> string           (never fails; for log fields)
 --   is_object(t) -> bool                  (t came from decoding an empty `{}`)
 --   utf8_clean(s) -> s                    (invalid UTF-8 bytes replaced by U+FFFD)
--- Errors are returned as values of kind Invalid, never raised, except for a wrong argument type.
+-- Errors are returned as values of kind Invalid, never raised, except for a wrong argument type
+-- and for the limits (a Timeout, out of memory), which pass through as raised errors.
 local errors = ...
 local byte, sub, find, format, char, rep = string.byte, string.sub, string.find, string.format, string.char, string.rep
 local concat, sort = table.concat, table.sort
@@ -392,7 +393,9 @@ function M.decode(s)
     end
     local ok, v = pcall(decode_text, s)
     if ok then return v end
-    if type(v) ~= "string" then v = "json.decode: malformed input" end
+    -- Only malformed input is returned as an error: anything else that stopped the decoder
+    -- (the time limit, out of memory) is raised again, never swallowed.
+    if v ~= decode_error then error(v, 0) end
     return invalid(v)
 end
 

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from ..drivers import DRIVERS
 from ..errors import LuaHandlerError
 from ..lua.sandbox import LuaSandbox
+from ..lua.threads import start_lua_thread
 from ..queue.consumer import ConsumerPool
 from ..queue.driver import Driver
 from ..queue.router import QueueRouter
@@ -126,8 +127,7 @@ class ProcessService(Service):
     def start(self) -> None:
         self.sandbox = self._new_sandbox()
         self.sandbox.ensure_loaded(self.spec.process)  # a bad chunk refuses the start
-        self.thread = threading.Thread(target=self._run, daemon=True, name=self.id)
-        self.thread.start()
+        self.thread = start_lua_thread(self._run, name=self.id)
 
     def _new_sandbox(self) -> LuaSandbox:
         return self.make_sandbox(security=self.spec.lifecycle.security)

@@ -78,7 +78,8 @@ class LuaSandbox:
         state.clock = clock
         mods = self.lua.table_from({
             "errors": errors, "json": json, "state": state, "clock": clock, "limited": limited,
-            "logger": run("logger", bridge, json, errors),
+            "metered": memory_limit is not None,
+            "logger": run("logger", bridge, json, errors, state),
             "time": run("time", bridge, errors, state),
             "queue": run("queue", bridge, json, errors, state),
         })

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 from ..errors import LuaHandlerError, RuntimeHostError
 from ..lua.sandbox import ACK, SETTLED, UNDECODABLE, LuaSandbox, clean_traceback
+from ..lua.threads import start_lua_thread
 from ..registry import ConsumerSpec
 from .codecs import JsonCodec
 from .driver import Delivery
@@ -71,9 +72,7 @@ class ConsumerPool:
         ready = threading.Barrier(len(self.workers) + 1)
         failures: list[LuaHandlerError] = []
         for w in self.workers:
-            w.thread = threading.Thread(target=self._worker_main, args=(w, ready, failures), daemon=True,
-                                        name=f"{self.spec.id}#{w.index}")
-            w.thread.start()
+            w.thread = start_lua_thread(self._worker_main, args=(w, ready, failures), name=f"{self.spec.id}#{w.index}")
         ready.wait()
         if failures:
             self._stopping.set()
