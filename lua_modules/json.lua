@@ -84,6 +84,7 @@ end
 
 local function encode_number(v)
     if v == floor(v) and v > -9007199254740992 and v < 9007199254740992 then
+        if v == 0 and 1 / v < 0 then return "-0.0" end -- keep the sign of -0.0
         return format("%d", v)
     end
     for _, f in ipairs({ "%.14g", "%.15g", "%.16g" }) do

@@ -9,7 +9,7 @@
 -- attempt/ack/nack. Settling is single-shot and every method fails once the handler returned.
 local bridge, json, errors, state = ...
 local type, tostring, pairs, pcall, next, sub = type, tostring, pairs, pcall, next, string.sub
-local setmetatable = setmetatable
+local setmetatable, lower = setmetatable, string.lower
 local new_message
 local clean = json.utf8_clean
 
@@ -27,7 +27,7 @@ local function check_headers(headers)
         if type(k) ~= "string" then
             return nil, "header names must be strings (got a " .. type(k) .. ")"
         end
-        if sub(k, 1, 2) == "x_" then
+        if lower(sub(k, 1, 2)) == "x_" then -- X_attempts too
             return nil, "header '" .. k .. "' is reserved: names starting with 'x_' belong to the runtime"
         end
         local tv = type(v)

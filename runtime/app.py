@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError, LuaHandlerError, PermissionDenied, Problem, ShutdownTimeout
+from .errors import ConfigError, LuaHandlerError, PermissionDenied, Problem, RuntimeHostError, ShutdownTimeout
 from .lifecycle.security import Authorizer, policy_problems
 from .lifecycle.services import ConsumerService, ProcessService
 from .lifecycle.supervisor import Supervisor
@@ -77,15 +77,15 @@ class App:
             self._sandboxes.append(sandbox)
         return sandbox
 
-    def _sandbox(self, timeout: float | None, memory_limit: int | None) -> LuaSandbox:
-        """This thread's Lua state for `App.call`, one per set of limits."""
-        cache: dict[tuple[float | None, int | None], LuaSandbox] | None = getattr(self._local, "sandboxes", None)
+    def _sandbox(self, func_id: str, timeout: float | None, memory_limit: int | None) -> LuaSandbox:
+        """This thread's Lua state for `App.call` of one entry: each entry has its own, so it
+        sees its own module and library instances (as each consumer's workers do)."""
+        cache: dict[str, LuaSandbox] | None = getattr(self._local, "sandboxes", None)
         if cache is None:
             cache = self._local.sandboxes = {}
-        key = (timeout, memory_limit)
-        sandbox = cache.get(key)
+        sandbox = cache.get(func_id)
         if sandbox is None:
-            sandbox = cache[key] = self.new_sandbox(timeout=timeout, memory_limit=memory_limit)
+            sandbox = cache[func_id] = self.new_sandbox(timeout=timeout, memory_limit=memory_limit)
         return sandbox
 
     def call(self, func_id: str, *args: Any) -> Any:
@@ -98,13 +98,18 @@ class App:
         spec = self.registry.get(func_id, FunctionSpec)
         timeout = spec.timeout if spec else None
         memory_limit = spec.memory_limit if spec else None
-        sandbox = self._sandbox(timeout, memory_limit)
         try:
+            sandbox = self._sandbox(func_id, timeout, memory_limit)
             return sandbox.call(func_id, *args, timeout=timeout)
         except LuaHandlerError as exc:
             if memory_limit is not None and "not enough memory" in str(exc):
-                self._local.sandboxes.pop((timeout, memory_limit), None)  # a full state is discarded
+                self._local.sandboxes.pop(func_id, None)  # a full state is discarded
             raise
+        except RuntimeHostError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - only the runtime's errors leave the API (lupa's LuaError...)
+            self._local.sandboxes.pop(func_id, None)
+            raise LuaHandlerError(f"internal error: {type(exc).__name__}: {exc}", entry_id=func_id) from None
 
     # -- lifecycle -------------------------------------------------------------------------
     @property

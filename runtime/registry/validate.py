@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..errors import Problem
 from .fields import Ref, suggest
-from .kinds import EntrySpec
+from .kinds import EntrySpec, QueueSpec
 
 
 def kind_matches(kind: str, accepted: tuple[str, ...]) -> bool:
@@ -83,4 +83,21 @@ def check_cycles(entries: dict[str, EntrySpec], graph: dict[str, tuple[str, ...]
     for cycle in find_cycles(graph):
         first = entries[cycle[0]]
         problems.append(Problem(first.file, first.line, "dependency cycle: " + " -> ".join(cycle)))
+    return problems
+
+
+def check_queue_names(entries: dict[str, EntrySpec]) -> list[Problem]:
+    """Two queue entries with one `queue_name` on one driver would be one queue under two IDs
+    (a policy on one ID would not hold for the other): a configuration error naming both."""
+    problems = []
+    first: dict[tuple[str, str], QueueSpec] = {}
+    for spec in entries.values():
+        if not isinstance(spec, QueueSpec) or not spec.driver:
+            continue
+        key = (spec.driver, spec.queue_name)
+        other = first.setdefault(key, spec)
+        if other is not spec:
+            problems.append(Problem(spec.file, spec.line, f"entry {spec.id}: queue_name '{spec.queue_name}' on driver "
+                                    f"{spec.driver} is already used by {other.id} ({other.file}:{other.line}); "
+                                    "two entries would share one queue"))
     return problems
