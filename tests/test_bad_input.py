@@ -618,7 +618,8 @@ def test_publish_nan_or_infinity_to_a_json_queue_is_refused(tmp_path: Path, star
     ("h=a", ""),
 ], ids=["int-key", "none-key", "bytes-key", "tuple-key", "list-value", "str-list-value", "dict-value",
         "none-value", "bytes-value", "x_dead_letter_reason", "x_attempts", "x_original_queue", "x_",
-        "X_attempts", "X_mixed_case", "nan-value", "inf-value", "surrogate-value", "surrogate-key", "list-of-pairs", "string"])
+        "X_attempts", "X_mixed_case", "nan-value", "inf-value", "surrogate-value", "surrogate-key", "list-of-pairs",
+        "string"])
 def test_publish_with_bad_headers_is_refused(tmp_path: Path, start: Callable[[App], App], headers: Any,
                                              phrase: str) -> None:
     """Host-side headers follow the rules Lua's queue.publish enforces (SPEC §5): string
