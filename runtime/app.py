@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,8 @@ class App:
         if strict_security or self.registry.of_type(PolicySpec):
             self.router.authorize = self._authorize_publish
         self._local = threading.local()
-        self._sandboxes: list[LuaSandbox] = []
+        # Weak: a state a worker replaced (after a memory error) must not stay alive here.
+        self._sandboxes: weakref.WeakSet[LuaSandbox] = weakref.WeakSet()
         self._lock = threading.Lock()
         self._supervisor: Supervisor | None = None
         self._consumers: dict[str, ConsumerService] = {}
@@ -74,7 +76,7 @@ class App:
         sandbox = LuaSandbox(self.registry, self.router, timeout=timeout, memory_limit=memory_limit,
                              security=security)
         with self._lock:
-            self._sandboxes.append(sandbox)
+            self._sandboxes.add(sandbox)
         return sandbox
 
     def _sandbox(self, func_id: str, timeout: float | None, memory_limit: int | None) -> LuaSandbox:
@@ -180,7 +182,7 @@ class App:
                         past[key] += value
             self._consumers = {}
         with self._lock:
-            for sandbox in self._sandboxes:
+            for sandbox in list(self._sandboxes):
                 sandbox.close()
         if overran:
             raise ShutdownTimeout(f"did not stop in time: {', '.join(overran)} (their messages were returned)")

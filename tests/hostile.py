@@ -85,3 +85,148 @@ def hostile_handlers(rng: random.Random, n: int) -> list[tuple[str, str]]:
             name = rng.choice(sorted(MODULE_LOOPS))
             out.append((f"loop:{name}", MODULE_LOOPS[name]))
     return out
+
+
+# -- the grammar: a hostile handler is a class member, optionally wrapped -------------------
+
+WRAPPERS: dict[str, str] = {
+    "plain": "{body}",
+    "in_pcall_loop": "while true do pcall(function() {body} end) end",  # only the limit can end it
+    "in_coroutine": "return coroutine.wrap(function() {body} end)()",
+    "in_xpcall": "local ok, e = xpcall(function() {body} end, function(m) return m end) error(e, 0)",
+}
+
+# Memory: values too large for a 1MB handler at each point where the host pushes into Lua,
+# and bombs inside the handler. (kind, body or publish spec)
+OVERSIZED: dict[str, str] = {
+    "bomb_rep": "local s = string.rep('x', 2^26) return #s",
+    "bomb_table": "local t = {} for i = 1, 1e8 do t[i] = {i} end",
+    "bomb_concat": "local t = {} for i = 1, 1e6 do t[i] = string.rep('y', 100) end return table.concat(t)",
+    "big_header": "local m = queue.message() return m:header('big') ~= nil",  # published with a 2MB header
+    "big_body": "return true",  # published as a 2MB body
+    # fills the chunk's module-level cache until the limit stops it (the state is replaced)
+    "fill_cache": "while true do CACHE[#CACHE + 1] = string.rep('z', 300) .. #CACHE end",
+}
+
+
+def hostile_case(rng: random.Random, memory: bool) -> tuple[str, str]:
+    """One hostile handler body drawn from the grammar: (label, body)."""
+    roll = rng.random()
+    if memory and roll < 0.3:
+        name = rng.choice(sorted(OVERSIZED))
+        return f"oversized:{name}", OVERSIZED[name]
+    wrapper = rng.choice(sorted(WRAPPERS))
+    if roll < 0.65:
+        name = rng.choice(sorted(REENTRY))
+        body = REENTRY[name]
+        label = f"reentry:{name}"
+    else:
+        name = rng.choice(sorted(MODULE_LOOPS))
+        body = MODULE_LOOPS[name]
+        label = f"loop:{name}"
+        if name in ("returned_tostring",) and wrapper != "plain":
+            wrapper = "plain"
+    if wrapper == "in_pcall_loop" and label.startswith("loop:"):
+        wrapper = "plain"
+    return f"{label}/{wrapper}", WRAPPERS[wrapper].format(body=body)
+
+
+PRELUDE = ("local json, logger, queue, time = require('json'), require('logger'), require('queue'), "
+           "require('time')\nCACHE = {}\n")
+
+
+def handler_source(bodies: list[str]) -> str:
+    """A handler dispatching on body.h to hostile body number h; anything else is good."""
+    lines = [PRELUDE, "local H = {}"]
+    for i, body in enumerate(bodies, 1):
+        lines.append(f"H[{i}] = function(body)\n{body}\nend")
+    lines.append("return function(body)\n"
+                 "  if type(body) == 'table' and body.h then return H[body.h](body) end\n"
+                 "  return true\nend\n")
+    return "\n".join(lines)
+
+
+def app_yaml(consumers: dict[str, str], concurrency: int = 1, dlq_consumer: bool = False) -> str:
+    """Queues q_<name> (dead letters to dlq after one attempt), functions f_<name> (source
+    file f_<name>.lua) with the limits given, and consumers c_<name>."""
+    out = ["namespace: t", "entries:",
+           "  - {name: d, kind: queue.driver.memory, lifecycle: {auto_start: true}}",
+           "  - {name: dlq, kind: queue.queue, driver: d}"]
+    for name, limits in consumers.items():
+        out += [f"  - {{name: q_{name}, kind: queue.queue, driver: d, dead_letter: {{queue: dlq, max_attempts: 1}}}}",
+                f"  - {{name: f_{name}, kind: function.lua, source: file://f_{name}.lua, "
+                f"modules: [json, logger, queue, time]{', ' + limits if limits else ''}}}",
+                f"  - {{name: c_{name}, kind: queue.consumer, queue: q_{name}, func: f_{name}, "
+                f"concurrency: {concurrency}, prefetch: 4, lifecycle: {{auto_start: true}}}}"]
+    if dlq_consumer:
+        out += ["  - {name: check_dlq, kind: function.lua, source: file://check_dlq.lua, modules: [queue, logger]}",
+                "  - {name: c_dlq, kind: queue.consumer, queue: dlq, func: check_dlq, concurrency: 1, "
+                "lifecycle: {auto_start: true}}"]
+    return "\n".join(out) + "\n"
+
+
+CHECK_DLQ = """local queue, logger = require('queue'), require('logger')
+return function(body)
+  local reason = queue.message():header('x_dead_letter_reason')
+  if type(reason) ~= 'string' or reason == '' then logger.error('DEAD LETTER WITHOUT A REASON') end
+  if type(body) ~= 'table' or body.h == nil then logger.error('GOOD MESSAGE DEAD-LETTERED: ' .. tostring(reason)) end
+  return true
+end
+"""
+
+
+def run_fuzz(app_dir: str, seed: int, n: int, limit: float) -> int:
+    """Build the fuzz app in `app_dir` (n hostile handlers per state kind) and run it: each
+    hostile message is followed by a good one, which must be handled within limit + 2 s.
+    Prints one JSON line per case; exit status 0 when the process survived them all."""
+    import json
+    import sys
+    import time
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from runtime import App
+
+    rng = random.Random(seed)
+    modes = {"luajit": f"timeout: {limit}", "lua54": f"timeout: {limit}, memory_limit: 1MB"}
+    cases: dict[str, list[tuple[str, str]]] = {}
+    root = Path(app_dir)
+    for mode in modes:
+        cases[mode] = [hostile_case(rng, memory=(mode == "lua54")) for _ in range(n)]
+        (root / f"f_{mode}.lua").write_text(handler_source([body for _, body in cases[mode]]))
+    (root / "app.yaml").write_text(app_yaml(modes))
+    app = App.load(root).start()
+    try:
+        for mode in modes:
+            queue = f"t:q_{mode}"
+            for index, (label, _) in enumerate(cases[mode], 1):
+                before = app.stats()["consumers"][f"t:c_{mode}"]
+                body: dict[str, object] = {"h": index}
+                headers = None
+                if label.startswith("oversized:big_body"):
+                    body["pad"] = "x" * (2 << 20)
+                if label.startswith("oversized:big_header"):
+                    headers = {"big": "h" * (2 << 20)}
+                started = time.monotonic()
+                app.publish(queue, body, headers)
+                app.publish(queue, {"good": index})
+                deadline = started + limit + 2
+                while True:
+                    now = app.stats()["consumers"][f"t:c_{mode}"]
+                    done = now["acked"] > before["acked"] and now["processed"] >= before["processed"] + 2
+                    if done or time.monotonic() > deadline:
+                        break
+                    time.sleep(0.002)
+                print(json.dumps({"mode": mode, "case": label, "elapsed": time.monotonic() - started,
+                                  "good_acked": now["acked"] - before["acked"],
+                                  "bad_dead_lettered": now["dead_lettered"] - before["dead_lettered"]}), flush=True)
+    finally:
+        app.stop(5)
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1] == "fuzz":
+        sys.exit(run_fuzz(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5])))

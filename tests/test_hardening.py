@@ -405,12 +405,11 @@ def test_an_alias_bomb_in_service_args_is_a_config_error(tmp_path):
     levels = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
     for i in range(1, 9):
         levels.append(f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]")
-    write_app(tmp_path, {"app.yaml": "namespace: t\nbombs:\n" if False else "", "procs.yaml": (
+    write_app(tmp_path, {"procs.yaml": (
         "namespace: t\nentries:\n"
         "  - {name: p, kind: process.lua, source: \"return {main = function(...) return select('#', ...) end}\"}\n"
         "  - name: s\n    kind: process.service\n    process: p\n    lifecycle: {auto_start: true}\n"
         "    args:\n      - {" + ", ".join(levels) + "}\n")})
-    (tmp_path / "app.yaml").unlink()
     with pytest.raises(ConfigError, match=r"procs.yaml:\d+: entry t:s: field 'args' expands to more than"):
         App.load(tmp_path)
 

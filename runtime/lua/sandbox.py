@@ -8,6 +8,7 @@ state is per worker by contract.
 from __future__ import annotations
 
 import re
+import weakref
 from typing import TYPE_CHECKING, Any
 
 from ..errors import LuaHandlerError
@@ -178,19 +179,27 @@ class LuaSandbox:
         return len(values)
 
     def _metered_bridge(self, fn: Any) -> Any:
+        # The function lives inside the Lua state: it holds the sandbox only weakly, or the
+        # cycle through the state (invisible to Python's collector) would keep every replaced
+        # state alive.
+        ref = weakref.ref(self)
+
         def metered(*args: Any) -> Any:
             result = fn(*args)
             values = result if isinstance(result, tuple) else (result,)
             if all(v is None or isinstance(v, (bool, int, float)) for v in values):
                 return result  # pushing these allocates nothing
-            lua = self.lua
+            sandbox = ref()
+            if sandbox is None:
+                return None, "Internal", "the Lua state is closed"
+            lua = sandbox.lua
             lua.set_max_memory(0)
             try:
-                self._fill_slot(list(values))
+                sandbox._fill_slot(list(values))
             finally:
-                if self._limit_now:
-                    lua.set_max_memory(self._limit_now, total=True)
-            return self._slot
+                if sandbox._limit_now:
+                    lua.set_max_memory(sandbox._limit_now, total=True)
+            return sandbox._slot
         metered.__name__ = getattr(fn, "__name__", "bridge")
         return metered
 
