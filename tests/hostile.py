@@ -41,7 +41,21 @@ REENTRY: dict[str, str] = {
     "gsub_in_coroutines": "local function f(n) if n % 2 == 0 then return coroutine.wrap(f)(n + 1) end "
                           "return (string.gsub('x', '.', function() return f(n + 1) end)) end return f(0)",
     "error_tostring": "local mt = {} mt.__tostring = function(e) error(e) end error(setmetatable({}, mt))",
+    # Lua 5.4 honours metamethods in more library functions (LuaJIT reads raw there and returns)
+    "ipairs_index": "local t t = setmetatable({}, {__index = function(_, i) for _ in ipairs(t) do end end}) "
+                    "for _ in ipairs(t) do end",
+    "concat_index": "local t t = setmetatable({}, {__index = function() return table.concat(t, ',', 1, 1) end}) "
+                    "return table.concat(t, ',', 1, 1)",
+    "unpack_index": "local t t = setmetatable({}, {__index = function() return unpack(t, 1, 1) end}) "
+                    "return unpack(t, 1, 1)",
+    "insert_newindex": "local t t = setmetatable({}, {__newindex = function() table.insert(t, 1) end}) "
+                       "table.insert(t, 1)",
+    "pairs_metamethod": "local t t = setmetatable({}, {__pairs = function() for _ in pairs(t) do end end}) "
+                        "for _ in pairs(t) do end",
 }
+# Paths that only Lua 5.4 takes through C: in LuaJIT they end normally (raw reads) or fail
+# with an ordinary error.
+LUA54_ONLY = {"ipairs_index", "concat_index", "unpack_index", "insert_newindex", "pairs_metamethod"}
 
 # Loops around each module function: a handler that never returns, calling the function
 # over and over (under a time limit it must still stop).
@@ -67,24 +81,6 @@ MODULE_LOOPS: dict[str, str] = {
     "raised_tostring": "error(setmetatable({}, {__tostring = function() while true do end end}))",
     "string.rep_loop": "local s = '' while true do s = string.rep('ab', 100) .. s:sub(1, 10) end",
 }
-
-
-def recursion(path: str) -> str:
-    return REENTRY[path]
-
-
-def hostile_handlers(rng: random.Random, n: int) -> list[tuple[str, str]]:
-    """`n` hostile handler bodies drawn from the grammar: (class:name, body)."""
-    out = []
-    for _ in range(n):
-        cls = rng.choice(["reentry", "loop"])
-        if cls == "reentry":
-            name = rng.choice(sorted(REENTRY))
-            out.append((f"reentry:{name}", REENTRY[name]))
-        else:
-            name = rng.choice(sorted(MODULE_LOOPS))
-            out.append((f"loop:{name}", MODULE_LOOPS[name]))
-    return out
 
 
 # -- the grammar: a hostile handler is a class member, optionally wrapped -------------------
@@ -117,7 +113,7 @@ def hostile_case(rng: random.Random, memory: bool) -> tuple[str, str]:
         return f"oversized:{name}", OVERSIZED[name]
     wrapper = rng.choice(sorted(WRAPPERS))
     if roll < 0.65:
-        name = rng.choice(sorted(REENTRY))
+        name = rng.choice(sorted(n for n in REENTRY if memory or n not in LUA54_ONLY))
         body = REENTRY[name]
         label = f"reentry:{name}"
     else:
