@@ -540,3 +540,62 @@ def test_turning_a_handler_result_into_text_keeps_the_deadline(tmp_path, start, 
     assert (stats["acked"], stats["dead_lettered"]) == (1, 1)
     [(msg, _)] = drain(app, "t:dlq")
     assert expected in msg.headers["x_dead_letter_reason"]
+
+
+@pytest.mark.timeout(60)
+def test_the_process_answers_sigterm_after_hostile_messages(tmp_path):
+    # Before: msg:header() of a 2 MB header in a 1 MB state left every thread waiting for the
+    # GIL, and SIGTERM was never handled.
+    import signal
+
+    write_app(tmp_path, {"app.yaml": """
+        namespace: t
+        entries:
+          - {name: d, kind: queue.driver.memory, lifecycle: {auto_start: true}}
+          - {name: q, kind: queue.queue, driver: d, dead_letter: {queue: dlq, max_attempts: 1}}
+          - {name: dlq, kind: queue.queue, driver: d}
+          - {name: f, kind: function.lua, modules: [queue], memory_limit: 1MB, timeout: 1s, source: file://f.lua}
+          - {name: c, kind: queue.consumer, queue: q, func: f, lifecycle: {auto_start: true}}
+          - {name: p, kind: process.lua, modules: [queue], source: file://p.lua}
+          - {name: s, kind: process.service, process: p, lifecycle: {auto_start: true}}
+    """, "f.lua": """
+        local queue = require('queue')
+        return function(body)
+          if body == 'header' then return queue.message():header('big') ~= nil end
+          if body == 'loop' then while true do end end
+          if body == 'recurse' then local function f() return coroutine.wrap(f)() end return f() end
+          return true
+        end
+    """, "p.lua": """
+        local queue = require('queue')
+        return {main = function()
+          assert(queue.publish('t:q', 'header', {big = string.rep('h', 2 * 1024 * 1024)}))
+          assert(queue.publish('t:q', 'loop'))
+          assert(queue.publish('t:q', 'recurse'))
+          assert(queue.publish('t:q', 'good'))
+        end}
+    """})
+    proc = subprocess.Popen([*CLI, "run", str(tmp_path), "--log-level", "warn"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=REPO)
+    seen: list[str] = []
+    failures = threading.Event()
+
+    def read() -> None:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            seen.append(line)
+            if sum("consumer t:c: message" in ln for ln in seen) >= 3:
+                failures.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        assert failures.wait(30), "".join(seen)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=15)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    reader.join(5)
+    assert proc.returncode == 0, "".join(seen)
+    assert "t:c acked=1 nacked=0 dead_lettered=3" in out
