@@ -197,13 +197,19 @@ local function leave_handler(saved, ok, ...)
     return ...
 end
 
-local function sandbox_xpcall(f, handler, ...)
-    local r = pack(real.pcall(f, ...))
-    if r[1] then return unpack(r, 1, r.n) end
+local function finish_xpcall(handler, ok, ...)
+    if ok then return ok, ... end
     local saved = cdepth
     if saved >= MAX_C_DEPTH then c_overflow("xpcall") end
     cdepth = saved + 1
-    return false, leave_handler(saved, pcall(handler, r[2]))
+    return false, leave_handler(saved, pcall(handler, (...)))
+end
+
+local function sandbox_xpcall(f, handler, ...)
+    if type(handler) ~= "function" then
+        error("bad argument #2 to 'xpcall' (function expected, got " .. type(handler) .. ")", 2)
+    end
+    return finish_xpcall(handler, real.pcall(f, ...))
 end
 
 local os_time = os.time
@@ -522,13 +528,16 @@ function host.deliverer(id)
         state.current = cur
         arm(timeout)
         local ok, r1, r2 = xpcall(fn, on_error, value)
-        local status, msg, tb, kind = ACK, nil, nil, nil
-        if not ok or r2 ~= nil or r1 == false or cur.settled then
-            local rok
-            rok, status, msg, tb, kind = pcall(settle_result, cur, ok, r1, r2)
-            if not rok then
-                status, msg, tb, kind = NACK, safe_tostring(status), "", is_memory_error(status) and "Memory" or nil
-            end
+        if ok and r2 == nil and r1 ~= false and not cur.settled then -- the hot path: one value back
+            local over = disarm()
+            state.current = nil
+            cur.released = true
+            if over ~= nil then return NACK, tostring(over), "", "Timeout" end
+            return ACK
+        end
+        local rok, status, msg, tb, kind = pcall(settle_result, cur, ok, r1, r2)
+        if not rok then
+            status, msg, tb, kind = NACK, safe_tostring(status), "", is_memory_error(status) and "Memory" or nil
         end
         local over = disarm()
         state.current = nil
