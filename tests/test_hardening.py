@@ -599,3 +599,14 @@ def test_the_process_answers_sigterm_after_hostile_messages(tmp_path):
     reader.join(5)
     assert proc.returncode == 0, "".join(seen)
     assert "t:c acked=1 nacked=0 dead_lettered=3" in out
+
+
+@pytest.mark.timeout(30)
+def test_app_call_exports_its_result_under_the_deadline(tmp_path):
+    # A table key's __tostring runs while the result is made safe for Python: before, after
+    # the deadline had been switched off (a wedged caller).
+    app = _limited_app(tmp_path, "local k = setmetatable({}, {__tostring = function() while true do end end}) "
+                                 "return {[k] = 1}")
+    done, outcome = _call_in_thread(app, "t:f", 0.3 + 2)
+    assert done
+    assert isinstance(outcome, LuaHandlerError) and "exceeded its time limit of 0.3s" in str(outcome)
