@@ -154,11 +154,18 @@ local function leave_resume(saved, ...)
     return ...
 end
 
+-- The count at which each coroutine was last resumed: code that can yield while counted (an
+-- xpcall handler) restores the count relative to its coroutine's base, which a later resume
+-- from elsewhere has moved.
+local co_base = setmetatable({}, { __mode = "k" })
+local co_running = coroutine.running
+
 local function sandbox_resume(co, ...)
     if type(co) ~= "thread" then return co_resume(co, ...) end -- raises the usual argument error
     local saved = cdepth
     if saved >= MAX_C_DEPTH then c_overflow("coroutine.resume") end
     cdepth = saved + 1
+    co_base[co] = saved + 1
     return leave_resume(saved, co_resume(co, ...))
 end
 
@@ -173,6 +180,7 @@ local function sandbox_wrap(f)
         local saved = cdepth
         if saved >= MAX_C_DEPTH then c_overflow("coroutine.wrap") end
         cdepth = saved + 1
+        co_base[co] = saved + 1
         return leave_wrapped(leave_resume(saved, co_resume(co, ...)))
     end
 end
@@ -191,18 +199,21 @@ end
 -- Lua call.
 -- Handlers that fail into handlers nest like the guarded calls, so they are counted too. An
 -- error in the handler is xpcall's result (as "error in error handling" is), unless it is a limit.
-local function leave_handler(saved, ok, ...)
-    cdepth = saved
+-- A handler may yield (its coroutine resumed later from another depth), so the count is
+-- restored relative to the coroutine's base, never to a saved absolute value.
+local function leave_handler(co, rel, ok, ...)
+    cdepth = (co_base[co] or 0) + rel
     if not ok and past_deadline() then error(timeout_error(), 0) end
     return ...
 end
 
 local function finish_xpcall(handler, ok, ...)
     if ok then return ok, ... end
-    local saved = cdepth
-    if saved >= MAX_C_DEPTH then c_overflow("xpcall") end
-    cdepth = saved + 1
-    return false, leave_handler(saved, pcall(handler, (...)))
+    if cdepth >= MAX_C_DEPTH then c_overflow("xpcall") end
+    local co = co_running()
+    local rel = cdepth - (co_base[co] or 0)
+    cdepth = cdepth + 1
+    return false, leave_handler(co, rel, pcall(handler, (...)))
 end
 
 local function sandbox_xpcall(f, handler, ...)

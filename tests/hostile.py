@@ -41,6 +41,17 @@ REENTRY: dict[str, str] = {
     "gsub_in_coroutines": "local function f(n) if n % 2 == 0 then return coroutine.wrap(f)(n + 1) end "
                           "return (string.gsub('x', '.', function() return f(n + 1) end)) end return f(0)",
     "error_tostring": "local mt = {} mt.__tostring = function(e) error(e) end error(setmetatable({}, mt))",
+    # coroutines suspended inside an xpcall handler at depth 1, each resumed from 150 levels
+    # of gsub deeper than the last (a count restored to a saved value would lose them all)
+    "handler_yield_chain": "local function deep(n, g) if n == 0 then return g() end "
+                           "return (string.gsub('x', '.', function() return deep(n - 1, g) end)) end "
+                           "local cos, i, step = {}, 0 "
+                           "for k = 1, 300 do local co = coroutine.create(function() "
+                           "xpcall(error, function(e) coroutine.yield() return e end) step() end) "
+                           "coroutine.resume(co) cos[k] = co end "
+                           "step = function() i = i + 1 if cos[i] then deep(150, function() "
+                           "local ok, e = coroutine.resume(cos[i]) if not ok then error(e, 0) end end) end end "
+                           "step() return i",
     # Lua 5.4 honours metamethods in more library functions (LuaJIT reads raw there and returns)
     "ipairs_index": "local t t = setmetatable({}, {__index = function(_, i) for _ in ipairs(t) do end end}) "
                     "for _ in ipairs(t) do end",

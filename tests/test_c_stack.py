@@ -54,7 +54,7 @@ MODES = {
 }
 C_PATHS = {"gsub_function", "gsub_method", "gsub_table", "format_tostring", "format_method", "sort_comparator",
            "sort_lt", "os_time_index", "coroutine_wrap", "coroutine_resume", "xpcall_handler", "mixed",
-           "gsub_in_coroutines"}
+           "gsub_in_coroutines", "handler_yield_chain"}
 
 
 @pytest.mark.timeout(120)
