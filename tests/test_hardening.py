@@ -554,13 +554,15 @@ def test_the_process_answers_sigterm_after_hostile_messages(tmp_path):
           - {name: d, kind: queue.driver.memory, lifecycle: {auto_start: true}}
           - {name: q, kind: queue.queue, driver: d, dead_letter: {queue: dlq, max_attempts: 1}}
           - {name: dlq, kind: queue.queue, driver: d}
-          - {name: f, kind: function.lua, modules: [queue], memory_limit: 1MB, timeout: 1s, source: file://f.lua}
+          - {name: f, kind: function.lua, modules: [queue, logger], memory_limit: 1MB, timeout: 1s,
+             source: file://f.lua}
           - {name: c, kind: queue.consumer, queue: q, func: f, lifecycle: {auto_start: true}}
           - {name: p, kind: process.lua, modules: [queue], source: file://p.lua}
           - {name: s, kind: process.service, process: p, lifecycle: {auto_start: true}}
     """, "f.lua": """
-        local queue = require('queue')
+        local queue, logger = require('queue'), require('logger')
         return function(body)
+          if body == 'good' then logger.warn('GOOD MESSAGE HANDLED') return true end
           if body == 'header' then return queue.message():header('big') ~= nil end
           if body == 'loop' then while true do end end
           if body == 'recurse' then local function f() return coroutine.wrap(f)() end return f() end
@@ -584,7 +586,7 @@ def test_the_process_answers_sigterm_after_hostile_messages(tmp_path):
         assert proc.stderr is not None
         for line in proc.stderr:
             seen.append(line)
-            if sum("consumer t:c: message" in ln for ln in seen) >= 3:
+            if sum("consumer t:c: message" in ln for ln in seen) >= 3 and any("GOOD MESSAGE" in ln for ln in seen):
                 failures.set()
 
     reader = threading.Thread(target=read, daemon=True)
