@@ -9,7 +9,7 @@
 -- attempt/ack/nack. Settling is single-shot and every method fails once the handler returned.
 local bridge, json, errors, state = ...
 local type, tostring, pairs, pcall, next, sub = type, tostring, pairs, pcall, next, string.sub
-local setmetatable, lower = setmetatable, string.lower
+local setmetatable = setmetatable
 local new_message
 local clean = json.utf8_clean
 
@@ -27,7 +27,8 @@ local function check_headers(headers)
         if type(k) ~= "string" then
             return nil, "header names must be strings (got a " .. type(k) .. ")"
         end
-        if lower(sub(k, 1, 2)) == "x_" then -- X_attempts too
+        local prefix = sub(k, 1, 2)
+        if prefix == "x_" or prefix == "X_" then -- X_attempts too
             return nil, "header '" .. k .. "' is reserved: names starting with 'x_' belong to the runtime"
         end
         local tv = type(v)
