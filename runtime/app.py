@@ -103,15 +103,15 @@ class App:
         LuaSandbox for `timeout` and `memory_limit`. Its owner closes it and lets it go."""
         return LuaSandbox(self.registry, self.router, timeout=timeout, memory_limit=memory_limit, security=security)
 
-    def _sandbox(self, timeout: float | None, memory_limit: int | None) -> LuaSandbox:
-        """This thread's Lua state for `App.call`, one per set of limits."""
-        cache: dict[tuple[float | None, int | None], LuaSandbox] | None = getattr(self._local, "sandboxes", None)
+    def _sandbox(self, func_id: str, timeout: float | None, memory_limit: int | None) -> LuaSandbox:
+        """This thread's Lua state for `App.call` of one entry: each entry has its own, so it
+        sees its own module and library instances (as each consumer's workers do)."""
+        cache: dict[str, LuaSandbox] | None = getattr(self._local, "sandboxes", None)
         if cache is None:
             cache = self._local.sandboxes = {}
-        key = (timeout, memory_limit)
-        sandbox = cache.get(key)
+        sandbox = cache.get(func_id)
         if sandbox is None:
-            sandbox = cache[key] = self.new_sandbox(timeout=timeout, memory_limit=memory_limit)
+            sandbox = cache[func_id] = self.new_sandbox(timeout=timeout, memory_limit=memory_limit)
             self._call_sandboxes.add(sandbox)
         return sandbox
 
@@ -125,13 +125,18 @@ class App:
         spec = self.registry.get(func_id, FunctionSpec)
         timeout = spec.timeout if spec else None
         memory_limit = spec.memory_limit if spec else None
-        sandbox = self._sandbox(timeout, memory_limit)
         try:
+            sandbox = self._sandbox(func_id, timeout, memory_limit)
             return sandbox.call(func_id, *args, timeout=timeout)
         except LuaHandlerError as exc:
             if memory_limit is not None and "not enough memory" in str(exc):
-                self._local.sandboxes.pop((timeout, memory_limit), None)  # a full state is discarded
+                self._local.sandboxes.pop(func_id, None)  # a full state is discarded
             raise
+        except RuntimeHostError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - only the runtime's errors leave the API (lupa's LuaError...)
+            self._local.sandboxes.pop(func_id, None)
+            raise LuaHandlerError(f"internal error: {type(exc).__name__}: {exc}", entry_id=func_id) from None
 
     # -- lifecycle -------------------------------------------------------------------------
     @property

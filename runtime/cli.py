@@ -16,9 +16,10 @@ from typing import Any
 
 from . import __version__
 from .app import App
-from .errors import ConfigError, LuaHandlerError, Problem, RuntimeHostError, ShutdownTimeout
+from .errors import ConfigError, InvalidMessage, LuaHandlerError, Problem, RuntimeHostError, ShutdownTimeout
 from .logs import LEVEL_NAMES, configure_logging
 from .lua.convert import LuaErrorValue
+from .queue.router import check_travels
 
 EXIT_OK, EXIT_CONFIG, EXIT_USAGE, EXIT_SHUTDOWN_TIMEOUT, EXIT_FORCED = 0, 1, 2, 3, 130
 
@@ -250,18 +251,32 @@ def _read_publishes(items: list[str], parser: argparse.ArgumentParser) -> list[t
             for number, line in enumerate(lines, 1):
                 if not line.strip():
                     continue
-                try:
-                    out.append((queue_id, json.loads(line)))
-                except json.JSONDecodeError as exc:
-                    problems.append(Problem(str(path), number, f"--publish: invalid JSON: {exc.msg}"))
+                error = _parse_publish(queue_id, line, out)
+                if error:
+                    problems.append(Problem(str(path), number, f"--publish: {error}"))
         else:
-            try:
-                out.append((queue_id, json.loads(value)))
-            except json.JSONDecodeError as exc:
-                problems.append(Problem("--publish", 0, f"{queue_id}: invalid JSON: {exc.msg}"))
+            error = _parse_publish(queue_id, value, out)
+            if error:
+                problems.append(Problem("--publish", 0, f"{queue_id}: {error}"))
     if problems:
         raise ConfigError(problems)
     return out
+
+
+def _parse_publish(queue_id: str, text: str, out: list[tuple[str, Any]]) -> str | None:
+    """Parse one --publish value into `out`; the problem with it, or None."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        return f"invalid JSON: {exc.msg}"
+    except RecursionError:
+        return "invalid JSON: nested too deeply"
+    try:
+        check_travels(value)
+    except InvalidMessage as exc:
+        return str(exc)
+    out.append((queue_id, value))
+    return None
 
 
 class _Signals:

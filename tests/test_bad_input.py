@@ -613,6 +613,8 @@ def test_publish_nan_or_infinity_to_a_json_queue_is_refused(tmp_path: Path, star
     ({"x_attempts": 1}, "reserved"),
     ({"x_original_queue": "t:dlq"}, "reserved"),
     ({"x_": "a"}, "reserved"),
+    ({"X_attempts": 1}, "reserved"),
+    ({"X_Dead_Letter_Reason": "forged"}, "reserved"),
     ({"h": math.nan}, "'h'"),
     ({"h": math.inf}, "'h'"),
     ({"h": "bad \ud800"}, ""),
@@ -621,7 +623,8 @@ def test_publish_nan_or_infinity_to_a_json_queue_is_refused(tmp_path: Path, star
     ("h=a", ""),
 ], ids=["int-key", "none-key", "bytes-key", "tuple-key", "list-value", "str-list-value", "dict-value",
         "none-value", "bytes-value", "x_dead_letter_reason", "x_attempts", "x_original_queue", "x_",
-        "nan-value", "inf-value", "surrogate-value", "surrogate-key", "list-of-pairs", "string"])
+        "X_attempts", "X_mixed_case", "nan-value", "inf-value", "surrogate-value", "surrogate-key", "list-of-pairs",
+        "string"])
 def test_publish_with_bad_headers_is_refused(tmp_path: Path, start: Callable[[App], App], headers: Any,
                                              phrase: str) -> None:
     """Host-side headers follow the rules Lua's queue.publish enforces (SPEC §5): string
@@ -641,7 +644,7 @@ def test_publish_with_bad_headers_is_refused(tmp_path: Path, start: Callable[[Ap
     {"big": 10**30},
     {"tiny": 5e-324, "max": 1.7976931348623157e308, "neg_zero": -0.0},
     {"flag": False, "n": 0},
-    {"X_upper": "not reserved: the rule is the x_ prefix"},
+    {"Xu_upper": "not reserved: the rule is the x_ prefix, in any case"},
     {"a" * 1000: 1},
 ], ids=["empty-value", "unicode", "long-value", "big-int", "float-extremes", "false-and-zero", "X_upper",
         "long-key"])

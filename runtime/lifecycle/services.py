@@ -9,6 +9,7 @@ from collections.abc import Callable
 from ..drivers import driver_class
 from ..errors import DriverUnavailable, LuaHandlerError
 from ..lua.sandbox import LuaSandbox
+from ..lua.threads import start_lua_thread
 from ..queue.consumer import ConsumerPool
 from ..queue.driver import Activity, Backoff, Driver
 from ..queue.handler import LuaHandler
@@ -171,8 +172,7 @@ class ProcessService(Service):
     def start(self) -> None:
         self.sandbox = self._new_sandbox()
         self.sandbox.ensure_loaded(self.spec.process)  # a bad chunk refuses the start
-        self.thread = threading.Thread(target=self._run, daemon=True, name=self.id)
-        self.thread.start()
+        self.thread = start_lua_thread(self._run, name=self.id)
 
     def _new_sandbox(self) -> LuaSandbox:
         return self.make_sandbox(security=self.spec.lifecycle.security)

@@ -25,6 +25,7 @@ from time import perf_counter
 from ..drivers.catalog import driver_key
 from ..errors import DriverUnavailable, LuaHandlerError, RuntimeHostError
 from ..lua.sandbox import clean_traceback
+from ..lua.threads import start_lua_thread
 from ..registry import ConsumerSpec
 from .driver import Delivery, DriverConsumer
 from .handler import ACK, SETTLED, Handler, Outcome
@@ -101,9 +102,7 @@ class ConsumerPool:
         ready = threading.Barrier(len(self.workers) + 1)
         failures: list[LuaHandlerError] = []
         for w in self.workers:
-            w.thread = threading.Thread(target=self._worker_main, args=(w, ready, failures), daemon=True,
-                                        name=f"{self.spec.id}#{w.index}")
-            w.thread.start()
+            w.thread = start_lua_thread(self._worker_main, args=(w, ready, failures), name=f"{self.spec.id}#{w.index}")
         ready.wait()
         if failures:
             self._stopping.set()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -81,13 +82,35 @@ def find_definition_files(app_dir: Path) -> tuple[list[Path], list[Problem]]:
         roots, lock_problems = _lock_roots(lock)
         problems += lock_problems
     files: set[Path] = set()
+    inside = [app_dir.resolve(), *(r.resolve() for r in roots)]
     for root in roots:
         for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
             dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d not in _SKIP_DIRS)
             for fn in filenames:
                 if fn.endswith((".yaml", ".yml")) and not fn.startswith("."):
-                    files.add(Path(dirpath) / fn)
+                    path = Path(dirpath) / fn
+                    problem = _not_a_definition_file(path, inside)
+                    if problem:
+                        problems.append(Problem(display_path(path), 0, problem))
+                    else:
+                        files.add(path)
     return sorted(files), problems
+
+
+def _not_a_definition_file(path: Path, inside: list[Path]) -> str | None:
+    """Why `path` cannot be read as a definition file (None if it can): it must be a regular
+    file (a FIFO or device would block or never end) inside the application, symlinks
+    resolved first, as for `file://`."""
+    try:
+        target = path.resolve()
+        mode = target.stat().st_mode
+    except (OSError, RuntimeError) as exc:
+        return f"cannot read file: {getattr(exc, 'strerror', None) or exc}"
+    if not stat.S_ISREG(mode):
+        return "not a regular file (a FIFO, device or directory is not read as a definition file)"
+    if not any(target == d or d in target.parents for d in inside):
+        return "is a symlink to a file outside the application directory"
+    return None
 
 
 def _lock_roots(lock: Path) -> tuple[list[Path], list[Problem]]:
@@ -160,7 +183,7 @@ def read_definition_file(path: Path, app_dir: Path) -> tuple[list[RawEntry], lis
             continue
         label = _entry_label(namespace, index, item.get("name"))
         sub.label = label
-        data = sub.value(item, line)
+        data = sub.entry(item, line)
         sub.label = ""
         name, kind = data.get("name"), data.get("kind")
         bad = False
@@ -212,6 +235,20 @@ class _Substituter:
     def problem(self, line: int, message: str) -> None:
         self.problems.append(Problem(self.where, line, f"{self.label}: {message}" if self.label else message))
 
+    def entry(self, item: LineDict, line: int) -> Any:
+        """An entry's mapping. Its `source` is Lua text (inline or `file://`): `${env:...}` is
+        never expanded there, so Lua code cannot read the host's environment."""
+        if id(item) in self.seen:
+            return item
+        self.seen.add(id(item))
+        for key in list(item):
+            value_line, block = item.value_lines.get(key, line), item.value_block.get(key, False)
+            if key == "source" and isinstance(item[key], str):
+                item[key] = self.string(item[key], value_line, block, expand_env=False)
+            else:
+                item[key] = self.value(item[key], value_line, block)
+        return item
+
     def value(self, v: Any, line: int, block: bool = False) -> Any:
         if isinstance(v, (LineDict, LineList)):
             if id(v) in self.seen:
@@ -229,9 +266,9 @@ class _Substituter:
             return self.string(v, line, block)
         return v
 
-    def string(self, s: str, line: int, block: bool) -> Any:
+    def string(self, s: str, line: int, block: bool, expand_env: bool = True) -> Any:
         result: Any = s
-        if "${env:" in s:
+        if expand_env and "${env:" in s:
             result = self.env(s, line)
             if not isinstance(result, str) or isinstance(result, Unresolved):
                 return result
@@ -273,7 +310,11 @@ class _Substituter:
             self.problem(line, f"'file://{rel}' points outside the application directory")
             return ""
         try:
-            raw = target.read_bytes() if target.stat().st_size <= MAX_INCLUDE_BYTES else None
+            info = target.stat()
+            if not stat.S_ISREG(info.st_mode):
+                self.problem(line, f"'file://{rel}' is not a regular file")
+                return ""
+            raw = target.read_bytes() if info.st_size <= MAX_INCLUDE_BYTES else None
         except OSError as exc:
             self.problem(line, f"cannot read 'file://{rel}': {exc.strerror or exc}")
             return ""
