@@ -181,13 +181,16 @@ class ConsumerPool:
         if kind == "Memory":
             what = f"ran out of memory (memory_limit {sandbox.memory_limit} bytes)"
             self._replace_sandbox(w)
+        elif kind == "Timeout":
+            self._replace_sandbox(w)  # stopped mid-way: its module state may be half-updated (or full)
         self._log_failure(msg, error or "handler failed", tb, what)
         if self.spec.auto_ack:
             return  # at-most-once: already settled, not redelivered
         self._fail(w, d, error or "handler failed")
 
     def _replace_sandbox(self, w: _Worker) -> None:
-        """After a memory error the state may stay full: the worker starts a fresh one."""
+        """After a memory error the state may stay full, after a timeout its module state may be
+        half-updated: the worker starts a fresh one."""
         old = w.sandbox
         w.sandbox = self.make_sandbox()
         w.sandbox.ensure_loaded(self.spec.func)
