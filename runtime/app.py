@@ -129,8 +129,10 @@ class App:
             sandbox = self._sandbox(func_id, timeout, memory_limit)
             return sandbox.call(func_id, *args, timeout=timeout)
         except LuaHandlerError as exc:
-            if memory_limit is not None and "not enough memory" in str(exc):
-                self._local.sandboxes.pop(func_id, None)  # a full state is discarded
+            text = str(exc)
+            if (memory_limit is not None and "not enough memory" in text) or \
+                    (timeout is not None and "exceeded its time limit" in text):
+                self._local.sandboxes.pop(func_id, None)  # a full or half-updated state is discarded
             raise
         except RuntimeHostError:
             raise

@@ -613,3 +613,32 @@ def test_app_call_exports_its_result_under_the_deadline(tmp_path):
     done, outcome = _call_in_thread(app, "t:f", 0.3 + 2)
     assert done
     assert isinstance(outcome, LuaHandlerError) and "exceeded its time limit of 0.3s" in str(outcome)
+
+
+@pytest.mark.timeout(30)
+def test_a_timed_out_handler_leaves_no_half_updated_state_behind(tmp_path, start):
+    # A handler stopped by its time limit may have left module state half-updated (or a cache
+    # filling its memory limit, failing the next, good message): the worker replaces its state.
+    write_app(tmp_path, {"app.yaml": """
+        namespace: t
+        entries:
+          - {name: d, kind: queue.driver.memory, lifecycle: {auto_start: true}}
+          - {name: q, kind: queue.queue, driver: d, dead_letter: {queue: dlq, max_attempts: 1}}
+          - {name: dlq, kind: queue.queue, driver: d}
+          - {name: out, kind: queue.queue, driver: d}
+          - {name: f, kind: function.lua, modules: [queue], source: file://f.lua, timeout: 200ms}
+          - {name: c, kind: queue.consumer, queue: q, func: f, lifecycle: {auto_start: true}}
+    """, "f.lua": """
+        local queue = require('queue')
+        local state = {consistent = true}
+        return function(body)
+          if body == 'hostile' then state.consistent = false while true do end end
+          assert(queue.publish('t:out', state.consistent))
+        end
+    """})
+    app = start(App.load(tmp_path))
+    for body in ("good", "hostile", "good"):
+        app.publish("t:q", body)
+    assert app.wait_idle(10)
+    assert [value for _, value in drain(app, "t:out")] == [True, True]
+    assert app.stats()["consumers"]["t:c"]["dead_lettered"] == 1

@@ -45,6 +45,7 @@ def _rss_kib(pid: int) -> int | None:
     return int(m.group(1)) if m else None
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_long_run_with_one_hostile_message_in_ten(tmp_path):
     rng = random.Random(15)

@@ -89,6 +89,8 @@ class LuaHandler:
         if kind == "Memory":
             what = f"ran out of memory (memory_limit {sandbox.memory_limit} bytes)"
             self._replace_sandbox()  # after a memory error the state may stay full
+        elif kind == "Timeout":
+            self._replace_sandbox()  # stopped mid-way: its module state may be half-updated (or full)
         return Outcome(status, error, tb, kind or ("Internal" if status != SETTLED or error else None), what)
 
     def _replace_sandbox(self) -> None:
