@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from runtime.drivers.memory import MemoryDriver
+from runtime.drivers.redis import RedisDriver
 from runtime.drivers.sqlite import SqliteDriver
 from runtime.queue.driver import Delivery, Driver, DriverConsumer
 from runtime.queue.message import Message
@@ -43,11 +44,18 @@ def _sqlite(tmp: Path) -> Driver:
                                         "visibility_timeout": 30.0, "poll_interval": 0.05, "busy_timeout": 5.0})
 
 
+def _redis(tmp: Path) -> Driver:
+    # The machine's shared server: a key prefix of its own per harness, its keys deleted by close().
+    return RedisDriver("test:redis", {"url": "redis://127.0.0.1:6379/0", "key_prefix": f"test:{uuid.uuid4().hex}:",
+                                      "claim_interval": 1.0, "claim_min_idle": 5.0})
+
+
 FACTORIES = [
     DriverFactory("memory", lambda tmp: MemoryDriver("test:memory"), lambda n: {"max_length": n}),
     DriverFactory("sqlite", _sqlite, lambda n: {"max_length": n}),
+    DriverFactory("redis", _redis, lambda n: {"max_length": n}, engine=("127.0.0.1", 6379)),
 ]
-CLASSES = {"memory": MemoryDriver, "sqlite": SqliteDriver}
+CLASSES = {"memory": MemoryDriver, "sqlite": SqliteDriver, "redis": RedisDriver}
 
 
 def factories_with(capability: str) -> list[DriverFactory]:
@@ -123,6 +131,8 @@ class Harness:
             c.close()
         for name in self.declared:
             self.driver.purge(name)
+            if isinstance(self.driver, RedisDriver):  # a shared server: no empty streams left behind
+                self.driver.delete_keys(name)
         self.driver.close()
 
 

@@ -365,7 +365,8 @@ _FIELD_VALUES: dict[str, st.SearchStrategy[Any]] = {
                                                                        "conditions")}) | _values,
     "groups": _values, "meta": _values, "lifecycle": _lifecycle, "typo_field": _values,
     "path": _scalars, "synchronous": _scalars, "visibility_timeout": _scalars, "poll_interval": _scalars,
-    "busy_timeout": _scalars, "retry": st.fixed_dictionaries({}, optional={
+    "busy_timeout": _scalars, "url": _scalars, "addrs": _values, "password": _scalars, "db": _scalars,
+    "claim_min_idle": _scalars, "tls": _values, "retry": st.fixed_dictionaries({}, optional={
         k: _scalars for k in ("initial_delay", "max_delay", "multiplier", "jitter")}) | _values,
 }
 _VALID_NAMES = ["q", "d", "f", "c", "p", "lib", "svc", "pol", "jobs", "x.y"]
@@ -373,6 +374,7 @@ _KIND_FIELDS = {
     "queue.driver.memory": ["lifecycle"],
     "queue.driver.sqlite": ["lifecycle", "path", "synchronous", "visibility_timeout", "poll_interval",
                             "busy_timeout"],
+    "queue.driver.redis": ["lifecycle", "url", "addrs", "password", "db", "claim_min_idle", "tls"],
     "queue.queue": ["driver", "queue_name", "codec", "options", "driver_options", "dead_letter", "retry"],
     "queue.consumer": ["queue", "func", "concurrency", "prefetch", "auto_ack", "driver_options", "lifecycle",
                        "timeout", "memory_limit"],

@@ -49,6 +49,28 @@ DRIVER_KINDS: dict[str, DriverKind] = {
         },
         queue_options={"max_length": Option("int", 0, minimum=0, help="0 means unbounded")},
     ),
+    "queue.driver.redis": DriverKind(
+        "runtime.drivers.redis:RedisDriver",
+        extra="redis",
+        fields={
+            "url": Option("text", None, help="redis://[user:password@]host:port/db, rediss:// for TLS"),
+            "addrs": Option("list", None, help="Wippy's list of host:port (one server)"),
+            "username": Option("text", None),
+            "password": Option("text", None, secret=True),
+            "db": Option("int", 0, minimum=0),
+            "client_name": Option("text", None),
+            "pool_size": Option("int", 0, minimum=0, help="0 means 32 connections"),
+            "dial_timeout": Option("duration", 5.0, minimum=0.001),
+            "read_timeout": Option("duration", 3.0, minimum=0.01),
+            "write_timeout": Option("duration", 3.0, minimum=0.01),
+            "tls": Option("mapping", None, help="enabled, server_name, cert, key, ca, insecure_skip_verify"),
+            "claim_interval": Option("duration", 30.0, minimum=0.01),
+            "claim_min_idle": Option("duration", 60.0, minimum=0.01),
+            "group": Option("text", "runtime"),
+            "key_prefix": Option("text", "runtime:"),
+        },
+        queue_options={"max_length": Option("int", 0, minimum=0, help="0 means unbounded")},
+    ),
 }
 
 

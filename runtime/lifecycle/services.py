@@ -150,7 +150,10 @@ class ConsumerService(Service):
     def idle(self) -> bool:
         if self.pool is None:
             return True
-        return self.pool.stats()["in_flight"] == 0 and self.pool.queue.empty()
+        try:
+            return self.pool.stats()["in_flight"] == 0 and self.pool.queue.empty()
+        except DriverUnavailable:  # the engine is away: not idle, the consumer waits for it
+            return False
 
 
 class ProcessService(Service):

@@ -187,6 +187,9 @@ class ConsumerPool:
         w.current = d
         try:
             self._process(w, d)
+        except DriverUnavailable as exc:  # settling failed: the engine keeps the message and hands it out again
+            log.warning("consumer %s: could not settle message %s (%s); the driver delivers it again after its "
+                        "recovery time", self.spec.id, d.message.id, exc)
         except Exception as exc:  # noqa: BLE001 - a host bug must not kill the worker or lose the message
             log.exception("consumer %s: internal error on message %s", self.spec.id, d.message.id)
             try:
@@ -202,6 +205,12 @@ class ConsumerPool:
     def _process(self, w: _Worker, d: Delivery) -> None:
         handler = w.handler
         assert handler is not None and self.source is not None
+        dl = self.queue.spec.dead_letter
+        if dl is not None and self.dead_letter is not None and d.attempt > dl.max_attempts and not self.spec.auto_ack:
+            # Delivered more often than allowed without a result: its worker stopped or crashed
+            # each time (the driver counts deliveries lost to crashes). Not run again.
+            self._fail(w, d, f"delivered {d.attempt} times without a result (its worker stopped each time)")
+            return
         if self.spec.auto_ack and self.source.ack(d):
             w.counters.acked += 1
         if self.timed:
