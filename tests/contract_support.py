@@ -19,11 +19,13 @@ from typing import Any
 
 import pytest
 
+from runtime.drivers.amqp import AmqpDriver
 from runtime.drivers.memory import MemoryDriver
 from runtime.drivers.sqlite import SqliteDriver
 from runtime.queue.driver import Delivery, Driver, DriverConsumer
 from runtime.queue.message import Message
 
+AMQP_URL = os.environ.get("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 BLOCK_CHECK = 0.05  # seconds a blocked call is given to (wrongly) return before we act
 
 
@@ -46,8 +48,11 @@ def _sqlite(tmp: Path) -> Driver:
 FACTORIES = [
     DriverFactory("memory", lambda tmp: MemoryDriver("test:memory"), lambda n: {"max_length": n}),
     DriverFactory("sqlite", _sqlite, lambda n: {"max_length": n}),
+    DriverFactory("amqp", lambda tmp: AmqpDriver("test:amqp", {"url": AMQP_URL, "reconnect_delay": 0.2}),
+                  lambda n: {"max_length": n, "queue_expiry": 600.0}, {"queue_expiry": 600.0},
+                  engine=("127.0.0.1", 5672)),
 ]
-CLASSES = {"memory": MemoryDriver, "sqlite": SqliteDriver}
+CLASSES = {"memory": MemoryDriver, "sqlite": SqliteDriver, "amqp": AmqpDriver}
 
 
 def factories_with(capability: str) -> list[DriverFactory]:
@@ -123,6 +128,9 @@ class Harness:
             c.close()
         for name in self.declared:
             self.driver.purge(name)
+            drop = getattr(self.driver, "delete_queue", None)  # a broker keeps queues: delete them
+            if drop is not None:
+                drop(name)
         self.driver.close()
 
 
