@@ -45,7 +45,7 @@ def read_option(r: FieldReader, key: str, opt: Option) -> Any:
         return _read_pem(r, key)
     if opt.type == "env":
         name = r.text(key)
-        if name is not None and os.environ.get(name) is None:
+        if name is not None and ("\0" in name or os.environ.get(name) is None):
             r.problem(key, f"environment variable '{name}' is not set")
         return name
     if opt.type == "mapping" and opt.fields is not None:
@@ -104,9 +104,13 @@ def _read_pem(r: FieldReader, key: str) -> str | None:
     if value is None or "-----BEGIN" in value:
         return value
     path = Path(value).expanduser()
-    if not path.is_absolute():
-        path = Path(r.file).resolve().parent / path
-    if not path.is_file():
+    try:
+        if not path.is_absolute():
+            path = Path(r.file).resolve().parent / path
+        found = path.is_file()
+    except (OSError, ValueError):
+        found = False
+    if not found:
         r.problem(key, f"file '{value}' not found ({path})")
         return None
     return str(path)
