@@ -16,7 +16,7 @@ from typing import Any
 
 import pika
 import pytest
-from conftest import REPO, write_app
+from conftest import REPO, wait_for, write_app
 from contract_support import AMQP_URL, FACTORIES, engine_gate
 
 from runtime import App
@@ -367,6 +367,22 @@ def test_max_length_refuses_and_never_drops(driver: AmqpDriver) -> None:
         for d in got:
             c.ack(d)
     assert sorted([first[0].message.id, *seen]) == ["id1", "id2", "id5"]
+    c.close()
+
+
+def test_prefetch_is_the_channel_qos(driver: AmqpDriver) -> None:
+    q = qname()
+    driver.declare(q, {})
+    driver.publish(q, [m(i) for i in range(10)])
+    c = driver.consume(q, "test:c", 3)
+    assert wait_for(lambda: c.held() == 3, 5.0)
+    c.sync()
+    assert c.held() == 3 and driver.stats(q).ready == 7, "the broker sent more than the QoS allows"
+    got = c.fetch(10, 1.0)
+    assert len(got) == 3
+    for d in got:
+        c.ack(d)
+    assert wait_for(lambda: c.held() == 3 and driver.stats(q).ready == 4, 5.0)
     c.close()
 
 

@@ -195,8 +195,12 @@ class AmqpDriver(Driver):
         log.info("driver %s: connected to %s", self.entry_id, mask_url(self.url))
 
     def _close(self) -> None:
-        if self.state == "closed":
+        if self.state == "closed":  # a real close, not one step of reconnecting
             self._stop.set()
+            r = self._reconnector
+            if r is not None and r is not threading.current_thread():
+                r.join(self.connect_timeout + 5.0)  # it may just have opened new links: closed below
+            self.state = "closed"
         links, self._pub, self._sub = (self._pub, self._sub), None, None
         for link in links:
             if link is not None:
