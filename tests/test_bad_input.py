@@ -365,8 +365,14 @@ _FIELD_VALUES: dict[str, st.SearchStrategy[Any]] = {
                                                                        "conditions")}) | _values,
     "groups": _values, "meta": _values, "lifecycle": _lifecycle, "typo_field": _values,
     "path": _scalars, "synchronous": _scalars, "visibility_timeout": _scalars, "poll_interval": _scalars,
-    "busy_timeout": _scalars, "url": _scalars, "addrs": _values, "password": _scalars, "db": _scalars,
-    "claim_min_idle": _scalars, "tls": _values, "retry": st.fixed_dictionaries({}, optional={
+    "busy_timeout": _scalars, "addrs": _values, "password": _scalars, "db": _scalars, "claim_min_idle": _scalars,
+    **{k: _scalars for k in (
+        "url", "vhost", "connection_name", "auth_mechanism", "heartbeat", "connection_timeout", "reconnect_delay",
+        "reconnect_max_delay", "default_message_ttl", "default_queue_ttl", "default_queue_expiry",
+        "prefetch_count", "frame_size", "channel_max")},
+    "tls": st.fixed_dictionaries({}, optional={k: _scalars for k in ("enabled", "cert", "key", "ca", "cert_env",
+                                                                     "server_name")}) | _values,
+    "retry": st.fixed_dictionaries({}, optional={
         k: _scalars for k in ("initial_delay", "max_delay", "multiplier", "jitter")}) | _values,
 }
 _VALID_NAMES = ["q", "d", "f", "c", "p", "lib", "svc", "pol", "jobs", "x.y"]
@@ -375,6 +381,10 @@ _KIND_FIELDS = {
     "queue.driver.sqlite": ["lifecycle", "path", "synchronous", "visibility_timeout", "poll_interval",
                             "busy_timeout"],
     "queue.driver.redis": ["lifecycle", "url", "addrs", "password", "db", "claim_min_idle", "tls"],
+    "queue.driver.amqp": ["lifecycle", "url", "vhost", "connection_name", "auth_mechanism", "heartbeat",
+                          "connection_timeout", "reconnect_delay", "reconnect_max_delay", "default_message_ttl",
+                          "default_queue_ttl", "default_queue_expiry", "prefetch_count", "frame_size",
+                          "channel_max", "tls"],
     "queue.queue": ["driver", "queue_name", "codec", "options", "driver_options", "dead_letter", "retry"],
     "queue.consumer": ["queue", "func", "concurrency", "prefetch", "auto_ack", "driver_options", "lifecycle",
                        "timeout", "memory_limit"],

@@ -135,7 +135,9 @@ class QueueRouter:
         self.authorize: Callable[[Any, str, str], None] | None = None
 
     def bind(self, spec: QueueSpec, driver: Driver) -> BoundQueue:
-        driver.declare(spec.queue_name, dict(spec.driver_options.get(driver_key(driver.kind), {}) or {}))
+        options = dict(spec.driver_options.get(driver_key(driver.kind), {}) or {})
+        options["codec"] = spec.codec  # drivers that label messages (AMQP content type) read it
+        driver.declare(spec.queue_name, options)
         bound = BoundQueue(spec, driver, get_codec(spec.codec))
         self.queues[spec.id] = bound
         return bound
