@@ -9,7 +9,8 @@
 --                                           msgpack.lua; needs the msgpack primitives)
 --   is_object(t) -> bool                  (t came from decoding an empty `{}`)
 --   utf8_clean(s) -> s                    (invalid UTF-8 bytes replaced by U+FFFD)
--- Errors are returned as values of kind Invalid, never raised, except for a wrong argument type.
+-- Errors are returned as values of kind Invalid, never raised, except for a wrong argument type
+-- and for the limits (a Timeout, out of memory), which pass through as raised errors.
 local errors, mp = ...
 local byte, sub, find, format, char, rep = string.byte, string.sub, string.find, string.format, string.char, string.rep
 local concat, sort = table.concat, table.sort
@@ -85,6 +86,7 @@ end
 
 local function encode_number(v)
     if v == floor(v) and v > -9007199254740992 and v < 9007199254740992 then
+        if v == 0 and 1 / v < 0 then return "-0.0" end -- keep the sign of -0.0
         return format("%d", v)
     end
     for _, f in ipairs({ "%.14g", "%.15g", "%.16g" }) do
@@ -414,7 +416,9 @@ function M.decode(s)
     end
     local ok, v = pcall(decode_text, s)
     if ok then return v end
-    if type(v) ~= "string" then v = "json.decode: malformed input" end
+    -- Only malformed input is returned as an error: anything else that stopped the decoder
+    -- (the time limit, out of memory) is raised again, never swallowed.
+    if v ~= decode_error then error(v, 0) end
     return invalid(v)
 end
 

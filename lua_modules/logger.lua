@@ -1,10 +1,10 @@
 -- logger.lua: the `logger` module (SPEC §5).
--- Contract: run once per Lua state by the host with (bridge, json, errors); returns
+-- Contract: run once per Lua state by the host with (bridge, json, errors, state); returns
 -- `new(entry_id) -> logger`. A logger has debug/info/warn/error(msg, fields?), callable
 -- as logger.info(...) and logger:info(...), plus :with(fields) and :named(name) children.
 -- Records go to the host through bridge.log(level, entry_id, name, src, line, msg, fields_json),
 -- with the calling Lua file and line; fields are encoded leniently (a log call never fails).
-local bridge, json = ...
+local bridge, json, _, state = ...
 local type, tostring, pairs, select, pcall, next = type, tostring, pairs, select, pcall, next
 local getinfo = debug.getinfo
 local concat = table.concat
@@ -50,6 +50,7 @@ local function emit(level, entry_id, name, base_fields, msg, fields, stack_level
     local fields_json = ""
     if all ~= nil and next(all) ~= nil then fields_json = json.encode_lenient(all) end
     local ok_msg, text = pcall(tostring, msg)
+    if not ok_msg and state.fatal(text) then error(text, 0) end -- a limit is never swallowed
     if not ok_msg or type(text) ~= "string" then text = "<" .. type(msg) .. ">" end
     pcall(bridge.log, level, entry_id, name and clean(name), clean(src), line, clean(text), fields_json)
 end

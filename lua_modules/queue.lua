@@ -28,7 +28,8 @@ local function check_headers(headers)
         if type(k) ~= "string" then
             return nil, "header names must be strings (got a " .. type(k) .. ")"
         end
-        if sub(k, 1, 2) == "x_" then
+        local prefix = sub(k, 1, 2)
+        if prefix == "x_" or prefix == "X_" then -- X_attempts too
             return nil, "header '" .. k .. "' is reserved: names starting with 'x_' belong to the runtime"
         end
         local tv = type(v)

@@ -30,6 +30,59 @@ getmetatable("").__metatable = false
 python = nil
 if package and package.loaded then package.loaded.python = nil end
 
+---------------------------------------------------------------------------------------------
+-- C STACK. Lua code re-enters Lua through C in a few places (LuaJIT: string.gsub with a
+-- function or table replacement, string.format's __tostring, table.sort's comparator and
+-- __lt, os.time's table fields, coroutine.resume/wrap, an xpcall message handler). Each such
+-- level costs C stack (up to ~9 KiB for gsub) and LuaJIT does not bound it: enough of them
+-- crash the process with SIGSEGV. Every such path goes through `guard`, which counts the
+-- levels in this state and raises a "C stack overflow" error past MAX_C_DEPTH, so the C stack
+-- stays below ~2 MiB whatever the thread (the host also gives worker threads large stacks as a
+-- margin). Lua 5.4 has its own limit (LUAI_MAXCCALLS); the guard applies there too.
+-- The count is exact: no yield can cross these C functions (a coroutine's yield returns from
+-- its resume, which restores the count), errors are caught and re-raised after restoring it,
+-- and every call from the host starts again from 0.
+local MAX_C_DEPTH = 160
+local cdepth = 0
+
+local function c_overflow(name)
+    error("C stack overflow: more than " .. MAX_C_DEPTH .. " nested calls through C functions (" .. name .. ")", 3)
+end
+
+local function leave_guard(saved, ok, ...)
+    cdepth = saved
+    if not ok then error((...), 0) end
+    return ...
+end
+
+local function guard(name, fn)
+    return function(...)
+        local saved = cdepth
+        if saved >= MAX_C_DEPTH then c_overflow(name) end
+        cdepth = saved + 1
+        return leave_guard(saved, pcall(fn, ...))
+    end
+end
+
+do
+    -- On the shared string table itself: ("x"):gsub(...) reaches it through the string metatable.
+    local real_gsub, real_format = string.gsub, string.format
+    local guarded_gsub, guarded_format = guard("string.gsub", real_gsub), guard("string.format", real_format)
+    string.gsub = function(s, p, r, n)
+        local tr = type(r)
+        if tr == "function" or tr == "table" then return guarded_gsub(s, p, r, n) end
+        return real_gsub(s, p, r, n)
+    end
+    string.format = function(fmt, ...)
+        for i = 1, select("#", ...) do
+            local t = type((select(i, ...)))
+            if t == "table" or t == "userdata" then return guarded_format(fmt, ...) end
+        end
+        return real_format(fmt, ...)
+    end
+    table.sort = guard("table.sort", table.sort)
+end
+
 local BASE = { "assert", "error", "ipairs", "next", "pairs", "pcall", "xpcall", "select",
                "tonumber", "tostring", "type", "unpack", "rawequal", "rawget", "rawset",
                "setmetatable", "getmetatable" }
@@ -93,13 +146,42 @@ end
 
 local function pack(...) return { n = select("#", ...), ... } end
 
+-- A resume is a C re-entry (see C STACK): counted like the other guarded calls. It never
+-- raises for an error inside the coroutine, so the count is restored on every return.
+local function leave_resume(saved, ...)
+    cdepth = saved
+    if not (...) and past_deadline() then error(timeout_error(), 0) end
+    return ...
+end
+
+-- The count at which each coroutine was last resumed: code that can yield while counted (an
+-- xpcall handler) restores the count relative to its coroutine's base, which a later resume
+-- from elsewhere has moved.
+local co_base = setmetatable({}, { __mode = "k" })
+local co_running = coroutine.running
+
+local function sandbox_resume(co, ...)
+    if type(co) ~= "thread" then return co_resume(co, ...) end -- raises the usual argument error
+    local saved = cdepth
+    if saved >= MAX_C_DEPTH then c_overflow("coroutine.resume") end
+    cdepth = saved + 1
+    co_base[co] = saved + 1
+    return leave_resume(saved, co_resume(co, ...))
+end
+
+local function leave_wrapped(ok, ...)
+    if not ok then error((...), 0) end
+    return ...
+end
+
 local function sandbox_wrap(f)
     local co = sandbox_create(f)
     return function(...)
-        local r = pack(co_resume(co, ...))
-        if not r[1] and past_deadline() then error(timeout_error(), 0) end
-        if not r[1] then error(r[2], 0) end
-        return unpack(r, 2, r.n)
+        local saved = cdepth
+        if saved >= MAX_C_DEPTH then c_overflow("coroutine.wrap") end
+        cdepth = saved + 1
+        co_base[co] = saved + 1
+        return leave_wrapped(leave_resume(saved, co_resume(co, ...)))
     end
 end
 
@@ -112,17 +194,41 @@ local function limited_pcall(f, ...)
     return unpack(r, 1, r.n)
 end
 
--- xpcall's message handler runs where hooks do not fire: run it after unwinding instead.
-local function limited_xpcall(f, handler, ...)
-    local r = pack(limited_pcall(f, ...))
-    if r[1] then return unpack(r, 1, r.n) end
-    return false, handler(r[2])
+-- xpcall's message handler: LuaJIT calls it from C while unwinding (a C re-entry, and a place
+-- where hooks do not fire). The sandbox's xpcall runs it after unwinding instead, as a plain
+-- Lua call.
+-- Handlers that fail into handlers nest like the guarded calls, so they are counted too. An
+-- error in the handler is xpcall's result (as "error in error handling" is), unless it is a limit.
+-- A handler may yield (its coroutine resumed later from another depth), so the count is
+-- restored relative to the coroutine's base, never to a saved absolute value.
+local function leave_handler(co, rel, ok, ...)
+    cdepth = (co_base[co] or 0) + rel
+    if not ok and past_deadline() then error(timeout_error(), 0) end
+    return ...
 end
 
-local function limited_resume(co, ...)
-    local r = pack(co_resume(co, ...))
-    if not r[1] and past_deadline() then error(timeout_error(), 0) end
-    return unpack(r, 1, r.n)
+local function finish_xpcall(handler, ok, ...)
+    if ok then return ok, ... end
+    if cdepth >= MAX_C_DEPTH then c_overflow("xpcall") end
+    local co = co_running()
+    local rel = cdepth - (co_base[co] or 0)
+    cdepth = cdepth + 1
+    return false, leave_handler(co, rel, pcall(handler, (...)))
+end
+
+local function sandbox_xpcall(f, handler, ...)
+    if type(handler) ~= "function" then
+        error("bad argument #2 to 'xpcall' (function expected, got " .. type(handler) .. ")", 2)
+    end
+    return finish_xpcall(handler, real.pcall(f, ...))
+end
+
+local os_time = os.time
+local guarded_os_time = guard("os.time", os_time)
+local function sandbox_os_time(t)
+    if type(t) == "table" then return guarded_os_time(t) end -- reads fields through __index
+    if t == nil then return os_time() end
+    return os_time(t)
 end
 
 -- Lua 5.4 runs __gc finalizers where hooks do not fire: refuse them.
@@ -134,9 +240,8 @@ local function sandbox_setmetatable(t, mt)
     return real_setmetatable(t, mt)
 end
 real.setmetatable = sandbox_setmetatable
-if mods.limited then
-    real.pcall, real.xpcall = limited_pcall, limited_xpcall
-end
+if mods.limited then real.pcall = limited_pcall end
+real.xpcall = sandbox_xpcall
 
 local function shallow_copy(t)
     local out = {}
@@ -158,12 +263,11 @@ local function new_env(entry_id, modules, imports)
     local env = {}
     for name, fn in pairs(real) do env[name] = fn end
     for name, t in pairs(COPIED) do env[name] = shallow_copy(t) end
-    if mods.limited then
-        env.coroutine.create, env.coroutine.wrap = sandbox_create, sandbox_wrap
-        env.coroutine.resume = limited_resume
-    end
+    env.coroutine.create, env.coroutine.wrap = sandbox_create, sandbox_wrap
+    env.coroutine.resume = sandbox_resume
     local os_copy = {}
     for _, name in ipairs(OS_ALLOWED) do os_copy[name] = os[name] end
+    os_copy.time = sandbox_os_time
     env.os = os_copy
     env.errors = errors.public()
     env.print = mods.logger.print(entry_id)
@@ -196,23 +300,53 @@ local function new_env(entry_id, modules, imports)
     return env
 end
 
+-- Errors. The xpcall message handler only records the error value and the traceback: it runs
+-- where hooks do not fire, so it never runs sandboxed code (an error value's __tostring). The
+-- message is made afterwards by `error_info`, under the call's deadline.
+local INFO = {} -- private key marking the handler's records
 local function on_error(e)
-    local msg
-    if type(e) == "string" then
-        msg = e
-    else
-        local ok, s = pcall(tostring, e)
-        msg = (ok and type(s) == "string") and s or ("(error value of type " .. type(e) .. ")")
-    end
-    return { msg = json.utf8_clean(msg), tb = json.utf8_clean(traceback("", 2)), err = e }
+    return { [INFO] = true, e = e, tb = traceback("", 2) }
 end
 
-local function error_kind(info)
-    if errors.is_error(info.err) then
-        local _, kind = errors.fields(info.err)
-        return kind
+local function safe_tostring(v)
+    local ok, s = pcall(tostring, v)
+    if ok and type(s) == "string" then return json.utf8_clean(s) end
+    return "<" .. type(v) .. ">"
+end
+
+local function is_memory_error(e)
+    return e == "not enough memory"
+end
+
+-- (msg, tb, kind) of a failed xpcall(f, on_error) result. A memory error (Lua 5.4) or an
+-- error inside error handling skips the handler and arrives as a bare string.
+local function error_info(r)
+    if type(r) ~= "table" or rawget(r, INFO) == nil then
+        local msg = safe_tostring(r)
+        return msg, "", is_memory_error(r) and "Memory" or nil
     end
-    return nil
+    local e, kind = r.e, nil
+    local msg
+    if type(e) == "string" then
+        msg = json.utf8_clean(e)
+        if is_memory_error(e) then kind = "Memory" end
+    else
+        msg = safe_tostring(e)
+        if msg == "<" .. type(e) .. ">" then msg = "(error value of type " .. type(e) .. ")" end
+        if errors.is_error(e) then
+            local _
+            _, kind = errors.fields(e)
+        end
+    end
+    return msg, json.utf8_clean(r.tb), kind
+end
+
+-- Module code may protect its own calls, but must not swallow the limits: `state.fatal(e)`
+-- says whether an error caught there must be raised again (past the deadline, out of memory,
+-- C stack overflow).
+function state.fatal(e)
+    if past_deadline() or is_memory_error(e) then return true end
+    return type(e) == "string" and find(e, "C stack overflow", 1, true) ~= nil
 end
 
 function host.compile(text, chunkname)
@@ -225,12 +359,14 @@ function host.load(id, kind, text, chunkname, modules, imports, method, timeout)
     local env = new_env(id, modules, imports)
     local chunk, err = load(text, chunkname, "t", env)
     if not chunk then return nil, json.utf8_clean(tostring(err)), "" end
+    cdepth = 0
     arm(timeout) -- a limited state limits the chunk's own top-level code too
     local ok, result = xpcall(chunk, on_error)
+    local msg, tb
+    if not ok then msg, tb = error_info(result) end -- under the deadline
     local over = disarm()
     if over ~= nil then return nil, "its top-level code " .. tostring(over), "" end
-    if not ok and type(result) ~= "table" then return nil, safe_tostring(result), "" end
-    if not ok then return nil, result.msg, result.tb end
+    if not ok then return nil, msg, tb end
     local entry = { value = result, env = env }
     if kind ~= "library.lua" then
         local fn
@@ -264,18 +400,13 @@ end
 -- Export: a copy of Lua values that is safe to hand to Python. Strings that are not valid
 -- UTF-8 become {["\0bytes"] = s-as-hex}, error values {["\0error"] = {...}}, functions and
 -- other opaque values their tostring(), cycles the string "<cycle>". Empty tables carry
--- ["\0object"] = true when they came from decoding `{}`.
+-- ["\0object"] = true when they came from decoding `{}`. It may run sandboxed code (a table
+-- key's __tostring), so it runs before the deadline is switched off.
 local function hex(s)
     return (s:gsub(".", function(c) return format("%02x", c:byte()) end))
 end
 
 local MAX_EXPORT_DEPTH = 200
-
-local function safe_tostring(v)
-    local ok, s = pcall(tostring, v)
-    if ok and type(s) == "string" then return json.utf8_clean(s) end
-    return "<" .. type(v) .. ">"
-end
 
 local function export_string(s)
     if find(s, "[\128-\255]") and json.utf8_clean(s) ~= s then return { ["\0bytes"] = hex(s) } end
@@ -331,32 +462,31 @@ function host.export(...)
     return n, out
 end
 
+-- The results of a call, exported while the deadline still holds:
+-- true, n, exported | false, msg, tb, kind
 local function finish_call(ok, ...)
     if ok then
         local eok, n, out = pcall(host.export, ...)
-        if not eok then return false, "cannot return the result to Python: " .. safe_tostring(n), "" end
-        return true, n, out
+        if eok then return true, n, out end
+        local msg, kind = safe_tostring(n), nil
+        if is_memory_error(n) then kind = "Memory" end
+        return false, "cannot return the result to Python: " .. msg, "", kind
     end
-    local info = ...
-    if type(info) ~= "table" then -- a memory error skips the message handler
-        return false, safe_tostring(info), "", info == "not enough memory" and "Memory" or nil
-    end
-    return false, info.msg, info.tb, error_kind(info)
+    local msg, tb, kind = error_info((...))
+    return false, msg, tb, kind
 end
 
-local function finish_limited_call(ok, ...)
+local function finish_limited_call(...)
+    local ok, a, b, c = finish_call(...)
     local over = disarm()
-    if over ~= nil then
-        local info = ...
-        local tb = (not ok and type(info) == "table") and info.tb or ""
-        return false, tostring(over), tb, "Timeout"
-    end
-    return finish_call(ok, ...)
+    if over ~= nil then return false, tostring(over), (not ok and b) or "", "Timeout" end
+    return ok, a, b, c
 end
 
 function host.call(id, timeout, ...)
     local entry = loaded[id]
     if entry == nil or entry.fn == nil then return false, "entry '" .. id .. "' is not loaded", "" end
+    cdepth = 0
     if timeout == nil then return finish_call(xpcall(entry.fn, on_error, ...)) end
     arm(timeout)
     return finish_limited_call(xpcall(entry.fn, on_error, ...))
@@ -367,39 +497,66 @@ end
 -- here (no GIL held), other codecs pass the decoded `value` with has_value = true.
 -- Status: 0 ack, 1 nack, 2 settled by the handler itself, 3 body could not be decoded.
 local ACK, NACK, SETTLED, UNDECODABLE = 0, 1, 2, 3
-local json_decode, clean = json.decode, json.utf8_clean
+local json_decode = json.decode
+local metered = mods.metered
+
+-- The handler's results as (status, msg, tb, kind), made while the deadline holds: turning
+-- an error value into text may run sandboxed code (__tostring).
+local function settle_result(cur, ok, r1, r2)
+    if not ok then
+        local msg, tb, kind = error_info(r1)
+        if cur.settled then return SETTLED, msg, tb end
+        return NACK, msg, tb, kind
+    end
+    if cur.settled then return SETTLED end
+    if r2 ~= nil then
+        local msg = safe_tostring(r2)
+        if is_memory_error(r2) then return NACK, msg, "", "Memory" end
+        local kind = nil -- an error value's own kind names the failure in the log
+        if errors.is_error(r2) then local _, k = errors.fields(r2) kind = k end
+        return NACK, msg, "", kind
+    end
+    if r1 == false then return NACK, "handler returned false", "" end
+    return ACK
+end
 
 function host.deliverer(id)
     local entry = loaded[id]
     if entry == nil or entry.fn == nil then return nil end
     local fn = entry.fn
     return function(body, value, has_value, attempt, timeout)
+        cdepth = 0
         if not has_value then
             local err
-            value, err = json_decode(body)
+            if metered then -- a body too large for the state's room is a memory error of this delivery
+                local dok
+                dok, value, err = pcall(json_decode, body)
+                if not dok then return NACK, safe_tostring(value), "", is_memory_error(value) and "Memory" or nil end
+            else
+                value, err = json_decode(body)
+            end
             if err then return UNDECODABLE, safe_tostring(err), "" end
         end
         local cur = { attempt = attempt, body = body, value = value }
         state.current = cur
         arm(timeout)
         local ok, r1, r2 = xpcall(fn, on_error, value)
+        if ok and r2 == nil and r1 ~= false and not cur.settled then -- the hot path: one value back
+            local over = disarm()
+            state.current = nil
+            cur.released = true
+            if over ~= nil then return NACK, tostring(over), "", "Timeout" end
+            return ACK
+        end
+        local rok, status, msg, tb, kind = pcall(settle_result, cur, ok, r1, r2)
+        if not rok then
+            status, msg, tb, kind = NACK, safe_tostring(status), "", is_memory_error(status) and "Memory" or nil
+        end
         local over = disarm()
         state.current = nil
         cur.released = true
-        if type(r1) == "string" and not ok then r1 = { msg = r1, tb = "" } end -- memory errors skip on_error
-        if over ~= nil then return NACK, tostring(over), not ok and r1.tb or "", "Timeout" end
-        if cur.settled then
-            if not ok then return SETTLED, r1.msg, r1.tb end
-            return SETTLED
-        end
-        if not ok then return NACK, r1.msg, r1.tb, r1.msg == "not enough memory" and "Memory" or error_kind(r1) end
-        if r2 ~= nil then
-            local kind = nil
-            if errors.is_error(r2) then local _, k = errors.fields(r2) kind = k end
-            return NACK, safe_tostring(r2), "", kind
-        end
-        if r1 == false then return NACK, "handler returned false", "" end
-        return ACK
+        if over ~= nil then return NACK, tostring(over), tb or "", "Timeout" end
+        return status, msg, tb, kind
     end
 end
 

@@ -16,9 +16,10 @@ from typing import Any
 
 from . import __version__
 from .app import App
-from .errors import ConfigError, LuaHandlerError, Problem, RuntimeHostError, ShutdownTimeout
+from .errors import ConfigError, InvalidMessage, LuaHandlerError, Problem, RuntimeHostError, ShutdownTimeout
 from .logs import LEVEL_NAMES, configure_logging
 from .lua.convert import LuaErrorValue
+from .queue.router import check_travels
 
 EXIT_OK, EXIT_CONFIG, EXIT_USAGE, EXIT_SHUTDOWN_TIMEOUT, EXIT_FORCED = 0, 1, 2, 3, 130
 
@@ -43,16 +44,35 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--no-progress", action="store_true", help="no live progress display on a terminal")
     run.add_argument("--processes", type=int, default=1, metavar="N",
                      help="run the consumers in N worker processes (queues on a shared driver such as sqlite)")
+    run.add_argument("--metrics", metavar="HOST:PORT",
+                     help="serve Prometheus metrics at http://HOST:PORT/metrics (needs the 'metrics' extra)")
+    run.add_argument("--watch", action="store_true",
+                     help="reload when a definition or Lua file changes, restarting only what the change affects")
     run.add_argument("--worker-process", action="store_true", help=argparse.SUPPRESS)
+    run.add_argument("--worker-metrics", action="store_true", help=argparse.SUPPRESS)
 
     check = sub.add_parser("check", help="validate an application and list every problem")
     check.add_argument("app_dir", nargs="?", default=".", metavar="APP_DIR")
+
+    inspect = sub.add_parser("inspect", help="print each queue's counts, connecting to the drivers only")
+    inspect.add_argument("app_dir", nargs="?", default=".", metavar="APP_DIR")
+    inspect.add_argument("--json", action="store_true", help="one JSON document instead of a table")
+
+    dlq = sub.add_parser("dlq", help="list, replay or purge the messages of a dead-letter queue")
+    dlq.add_argument("action", choices=("list", "replay", "purge"))
+    dlq.add_argument("app_dir", metavar="APP_DIR")
+    dlq.add_argument("queue_id", metavar="QUEUE_ID", help="the dead-letter queue's ID")
+    dlq.add_argument("--id", action="append", dest="ids", metavar="ID", help="only this message id (repeatable)")
+    dlq.add_argument("--all", action="store_true", help="every message (replay and purge need --id, --limit or --all)")
+    dlq.add_argument("--limit", type=int, metavar="N", help="at most N messages")
+    dlq.add_argument("--json", action="store_true", help="JSON output")
+    dlq.add_argument("--yes", action="store_true", help="purge without asking")
 
     call = sub.add_parser("call", help="run one function.lua entry and print its result as JSON")
     call.add_argument("app_dir", metavar="APP_DIR")
     call.add_argument("func_id", metavar="FUNC_ID", help="the function's registry ID, e.g. app:greet")
     call.add_argument("args", nargs="*", metavar="JSON", help="arguments, each a JSON value")
-    for p in (run, check, call):
+    for p in (run, check, call, inspect, dlq):
         p.add_argument("--log-level", choices=sorted(set(LEVEL_NAMES) - {"warning"}), default="info")
         p.add_argument("--log-format", choices=("text", "json"), default="text")
     return parser
@@ -122,6 +142,92 @@ def cmd_call(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _count(value: Any) -> str:
+    return "-" if value is None else str(value)
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from .admin import inspect
+    try:
+        app = App.load(args.app_dir)
+        rows = inspect(app)
+    except ConfigError as err:
+        _print_problems(err)
+        return EXIT_CONFIG
+    except RuntimeHostError as err:
+        print(f"runtime inspect: {err}", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.json:
+        print(json.dumps({"queues": rows}, indent=2))
+        return EXIT_OK
+    from rich.console import Console
+    from rich.table import Table
+    table = Table(title=f"queues of {args.app_dir}", expand=False)
+    for col in ("queue", "driver", "ready", "in flight", "delayed", "dead-letter queue", "dead letters"):
+        table.add_column(col, justify="left" if col in ("queue", "driver", "dead-letter queue") else "right")
+    for r in rows:
+        table.add_row(r["queue"], r["driver"], _count(r["ready"]), _count(r["in_flight"]), _count(r["delayed"]),
+                      r["dead_letter_queue"] or "", _count(r["dead_letters"]))
+    Console(width=max(100, Console().width)).print(table)
+    if any(r["in_process_only"] for r in rows):
+        print("-: the queue is on an in-process driver (queue.driver.memory); its messages exist only inside a "
+              "running `runtime run`, so there is nothing to see from outside.")
+    return EXIT_OK
+
+
+def cmd_dlq(args: argparse.Namespace) -> int:
+    from . import admin
+    ids = set(args.ids) if args.ids else None
+    if args.action in ("replay", "purge") and ids is None and not args.all and args.limit is None:
+        args.parser.error(f"dlq {args.action}: say which messages: --id ID (repeatable), --limit N (the oldest N) "
+                          "or --all")
+    if args.limit is not None and args.limit < 1:
+        args.parser.error("--limit must be 1 or more")
+    try:
+        app = App.load(args.app_dir)
+        if args.action == "list":
+            rows = admin.list_dead_letters(app, args.queue_id, ids, args.limit if args.all or ids else
+                                           args.limit or 100)
+            if args.json:
+                print(json.dumps(rows, indent=2))
+            else:
+                for r in rows:
+                    print(f"{r['id']}  attempts={r['attempts']}  from={r['original_queue']}  at={r['time']}  "
+                          f"reason={r['reason']}")
+                print(f"{len(rows)} dead letter{'s' if len(rows) != 1 else ''}", file=sys.stderr)
+            return EXIT_OK
+        if args.action == "purge" and not args.yes:
+            admin.dead_letter_queue(app, args.queue_id)  # unknown or in-process queue: say so first
+            what = f"{len(ids)} message(s)" if ids else "every message"
+            if not sys.stdin.isatty():
+                print(f"runtime dlq purge: would delete {what} of {args.queue_id}; pass --yes to confirm "
+                      "(no terminal to ask on)", file=sys.stderr)
+                return EXIT_USAGE
+            answer = input(f"Delete {what} of {args.queue_id} for good? [y/N] ")
+            if answer.strip().lower() not in ("y", "yes"):
+                print("nothing deleted", file=sys.stderr)
+                return EXIT_OK
+        if args.action == "purge":
+            n = admin.purge(app, args.queue_id, ids, args.limit)
+            print(f"purged {n} dead letter{'s' if n != 1 else ''} from {args.queue_id}")
+            return EXIT_OK
+        done = admin.replay(app, args.queue_id, ids, args.limit)
+    except ConfigError as err:
+        _print_problems(err)
+        return EXIT_CONFIG
+    except RuntimeHostError as err:
+        print(f"runtime dlq: {err}", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.json:
+        print(json.dumps(done, indent=2))
+    else:
+        for r in done:
+            print(f"{r['id']}  -> {r['to']}" if r["replayed"] else f"{r['id']}  not replayed: {r['error']}")
+    replayed = sum(r["replayed"] for r in done)
+    print(f"replayed {replayed} dead letter{'s' if replayed != 1 else ''}", file=sys.stderr)
+    return EXIT_OK if replayed == len(done) else EXIT_CONFIG
+
+
 def _read_publishes(items: list[str], parser: argparse.ArgumentParser) -> list[tuple[str, Any]]:
     """Parse every --publish before anything starts. Usage errors exit 2 (via parser.error);
     bad JSON or an unreadable file raises ConfigError."""
@@ -145,18 +251,32 @@ def _read_publishes(items: list[str], parser: argparse.ArgumentParser) -> list[t
             for number, line in enumerate(lines, 1):
                 if not line.strip():
                     continue
-                try:
-                    out.append((queue_id, json.loads(line)))
-                except json.JSONDecodeError as exc:
-                    problems.append(Problem(str(path), number, f"--publish: invalid JSON: {exc.msg}"))
+                error = _parse_publish(queue_id, line, out)
+                if error:
+                    problems.append(Problem(str(path), number, f"--publish: {error}"))
         else:
-            try:
-                out.append((queue_id, json.loads(value)))
-            except json.JSONDecodeError as exc:
-                problems.append(Problem("--publish", 0, f"{queue_id}: invalid JSON: {exc.msg}"))
+            error = _parse_publish(queue_id, value, out)
+            if error:
+                problems.append(Problem("--publish", 0, f"{queue_id}: {error}"))
     if problems:
         raise ConfigError(problems)
     return out
+
+
+def _parse_publish(queue_id: str, text: str, out: list[tuple[str, Any]]) -> str | None:
+    """Parse one --publish value into `out`; the problem with it, or None."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        return f"invalid JSON: {exc.msg}"
+    except RecursionError:
+        return "invalid JSON: nested too deeply"
+    try:
+        check_travels(value)
+    except InvalidMessage as exc:
+        return str(exc)
+    out.append((queue_id, value))
+    return None
 
 
 class _Signals:
@@ -203,6 +323,8 @@ def _worker_argv(args: argparse.Namespace) -> list[str]:
             "--log-level", args.log_level, "--log-format", args.log_format]
     if args.strict_security:
         argv.append("--strict-security")
+    if args.metrics:
+        argv.append("--worker-metrics")
     if args.stop_timeout is not None:
         argv += ["--stop-timeout", str(args.stop_timeout)]
     return argv
@@ -219,6 +341,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     signals.install()
     if args.processes < 1:
         args.parser.error("--processes must be 1 or more")
+    if args.watch and args.processes > 1:
+        args.parser.error("--watch works in one process; it cannot be combined with --processes yet")
+    metrics_address = None
+    if args.metrics:
+        from .metrics import parse_address
+        try:
+            metrics_address = parse_address(args.metrics)
+        except ValueError as exc:
+            args.parser.error(str(exc))
     try:
         publishes = _read_publishes(args.publish, args.parser)
         app = App.load(args.app_dir, strict_security=args.strict_security)
@@ -229,14 +360,26 @@ def cmd_run(args: argparse.Namespace) -> int:
             check_shared(app, args.processes)
     except RuntimeHostError as err:
         return _failed(err)
+    app.measure_durations = bool(metrics_address or args.worker_metrics)
     if args.worker_process:
         return _run_worker(app, signals)
     if args.processes > 1:
-        return _run_parent(app, args, publishes, signals)
+        return _run_parent(app, args, publishes, signals, metrics_address)
     try:
         app.start()
+        if metrics_address is not None:
+            from .metrics import serve
+            serve(metrics_address, app.metrics_snapshot)
     except RuntimeHostError as err:
+        _stop(app, args.stop_timeout)
         return _failed(err, "cannot start: ")
+    except OSError as err:
+        _stop(app, args.stop_timeout)
+        print(f"runtime run: --metrics {args.metrics}: {err.strerror or err}", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.watch:
+        from .watch import Watcher
+        Watcher(app, args.app_dir, signals.stop, strict_security=args.strict_security).start()
     started = time.monotonic()
     services = len(app.service_ids())
     logging.getLogger("runtime").info(
@@ -297,8 +440,21 @@ def _run_worker(app: App, signals: _Signals) -> int:
     return EXIT_SHUTDOWN_TIMEOUT if overran else EXIT_OK
 
 
-def _run_parent(app: App, args: argparse.Namespace, publishes: list[tuple[str, Any]], signals: _Signals) -> int:
-    from .multiprocess import run_parent
+def _run_parent(app: App, args: argparse.Namespace, publishes: list[tuple[str, Any]], signals: _Signals,
+                metrics_address: tuple[str, int] | None) -> int:
+    from .multiprocess import WorkerPool, run_parent
+
+    def serve_metrics(pool: WorkerPool) -> None:
+        if metrics_address is None:
+            return
+        from .metrics import serve
+
+        def snapshot() -> dict[str, Any]:
+            own = app.metrics_snapshot()
+            return {**own, "consumers": pool.totals(), "worker_restarts": pool.restarts()}
+
+        serve(metrics_address, snapshot)
+
     started = time.monotonic()
     code = EXIT_OK
     pool = None
@@ -306,9 +462,13 @@ def _run_parent(app: App, args: argparse.Namespace, publishes: list[tuple[str, A
         logging.getLogger("runtime").info("starting %d worker processes for %s%s", args.processes, args.app_dir,
                                           "" if args.until_idle else "; press Ctrl-C to stop")
         pool, code = run_parent(app, _worker_argv(args), args.processes, signals.stop, args.until_idle,
-                                _stop_budget(app, args.stop_timeout), lambda: _publish_all(app, publishes, signals))
+                                _stop_budget(app, args.stop_timeout), lambda: _publish_all(app, publishes, signals),
+                                serve_metrics)
     except RuntimeHostError as err:
         code = _failed(err)
+    except OSError as err:
+        print(f"runtime run: --metrics {args.metrics}: {err.strerror or err}", file=sys.stderr)
+        code = EXIT_CONFIG
     finally:
         elapsed = time.monotonic() - started
         code = _stop(app, args.stop_timeout) or code
@@ -326,7 +486,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.parser = parser
     configure_logging(args.log_level, args.log_format)
-    handler = {"run": cmd_run, "check": cmd_check, "call": cmd_call}[args.command]
+    handler = {"run": cmd_run, "check": cmd_check, "call": cmd_call, "inspect": cmd_inspect,
+               "dlq": cmd_dlq}[args.command]
     return handler(args)
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 from datetime import UTC, datetime
 from typing import Any, TextIO
@@ -26,8 +27,21 @@ def _level(record: logging.LogRecord) -> str:
     return _SHORT.get(record.levelno, record.levelname.lower())
 
 
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f\u0085\u2028\u2029]")
+
+
+def _one_record(text: str) -> str:
+    """Text from Lua (a message, an error, a field) cannot start a line of its own: line breaks
+    become an indented continuation and other control characters (ANSI escapes) are shown
+    escaped, so a log line cannot be forged."""
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    text = _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 0x100 else
+                        f"\\u{ord(m.group()):04x}", text)
+    return text.replace("\n", "\n    ")
+
+
 class TextFormatter(logging.Formatter):
-    """`TIME LEVEL [entry file:line] message key=value ...`"""
+    """`TIME LEVEL [entry file:line] message key=value ...`; continuation lines are indented."""
 
     def format(self, record: logging.LogRecord) -> str:
         parts = [_ts(record), f"{_level(record).upper():5}"]
@@ -41,7 +55,7 @@ class TextFormatter(logging.Formatter):
         for key, value in fields.items():
             text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
             parts.append(f"{key}={text}")
-        out = " ".join(parts)
+        out = _one_record(" ".join(parts))
         if record.exc_info:
             out += "\n" + self.formatException(record.exc_info)
         return out

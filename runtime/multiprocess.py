@@ -28,11 +28,13 @@ from .app import App
 from .drivers import driver_class
 from .errors import ConfigError, Problem
 from .lifecycle.graph import start_order
+from .metrics import merge
 from .registry import ConsumerSpec, QueueSpec
 
 log = logging.getLogger("runtime.processes")
 REPORT_EVERY = 0.2  # seconds between a worker's reports
 COUNTS = ("acked", "nacked", "dead_lettered", "processed")
+GAUGES = ("in_flight", "workers")
 STARTUP_FAILED = 1  # a worker that exits 1 before it reported "started" has a config problem
 
 
@@ -66,7 +68,8 @@ def run_worker(app: App, stop: threading.Event, out: IO[str] = sys.stdout) -> bo
     lock = threading.Lock()
 
     def report(kind: str) -> None:
-        line = json.dumps({"type": kind, "pid": os.getpid(), "consumers": app.consumer_stats(),
+        consumers = app.metrics_snapshot()["consumers"] if app.measure_durations else app.consumer_stats()
+        line = json.dumps({"type": kind, "pid": os.getpid(), "consumers": consumers,
                            "idle": app.idle(), "activity": app._activity()})
         with lock:
             try:
@@ -109,7 +112,7 @@ class _Worker:
     started: bool = False
     final: bool = False
     restarts: int = 0
-    past: dict[str, dict[str, int]] = field(default_factory=dict)  # counts of earlier incarnations
+    past: dict[str, dict[str, Any]] = field(default_factory=dict)  # counts of earlier incarnations
     pids: list[int] = field(default_factory=list)
 
 
@@ -182,13 +185,11 @@ class WorkerPool:
                 self.changed.notify_all()
 
     def _bank(self, w: _Worker) -> None:
-        """Keep a finished incarnation's last counts (holding the lock)."""
+        """Keep a finished incarnation's last counts (holding the lock); its gauges end."""
         if w.last is None:
             return
-        for cid, counts in w.last.get("consumers", {}).items():
-            past = w.past.setdefault(cid, dict.fromkeys(COUNTS, 0))
-            for key in COUNTS:
-                past[key] += int(counts.get(key, 0))
+        ended = {cid: {k: v for k, v in c.items() if k not in GAUGES} for cid, c in w.last.get("consumers", {}).items()}
+        w.past = merge([{"consumers": w.past}, {"consumers": ended}])["consumers"]
         w.last = None
 
     def all_idle(self) -> tuple[bool, list[Any]]:
@@ -244,26 +245,35 @@ class WorkerPool:
                 out.append((w.slot, list(w.pids), processed))
             return out
 
-    def totals(self) -> dict[str, dict[str, int]]:
+    def totals(self) -> dict[str, dict[str, Any]]:
+        """Every worker's consumer counts added up (those of dead incarnations too)."""
         with self.lock:
-            out: dict[str, dict[str, int]] = {}
+            parts = []
             for w in self.workers:
-                sources = [w.past] + ([w.last.get("consumers", {})] if w.last else [])
-                for source in sources:
-                    for cid, counts in source.items():
-                        total = out.setdefault(cid, dict.fromkeys(COUNTS, 0))
-                        for key in COUNTS:
-                            total[key] += int(counts.get(key, 0))
-            return out
+                parts.append({"consumers": w.past})
+                if w.last:
+                    parts.append({"consumers": w.last.get("consumers", {})})
+            out = merge(parts)["consumers"]
+        for counts in out.values():
+            for key in COUNTS:
+                counts.setdefault(key, 0)
+        return out
+
+    def restarts(self) -> int:
+        return sum(w.restarts for w in self.workers)
 
 
 def run_parent(app: App, argv: list[str], processes: int, stop: threading.Event, until_idle: bool,
-               stop_timeout: float, before_workers: Callable[[], None]) -> tuple[WorkerPool, int]:
+               stop_timeout: float, before_workers: Callable[[], None],
+               on_pool: Callable[[WorkerPool], None] | None = None) -> tuple[WorkerPool, int]:
     """Run the parent's share and N workers until `stop` (or idle, with `until_idle`).
-    Returns the pool (for the summary) and the exit code contribution (0, 1 or 3)."""
+    Returns the pool (for the summary) and the exit code contribution (0, 1 or 3).
+    `on_pool` sees the pool before the workers start (to serve metrics from it)."""
     app.start("others")
     before_workers()
     pool = WorkerPool(argv, processes, stop)
+    if on_pool is not None:
+        on_pool(pool)
     pool.start()
     candidate: tuple[float, list[Any], int] | None = None
     try:

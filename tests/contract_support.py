@@ -19,12 +19,14 @@ from typing import Any
 
 import pytest
 
+from runtime.drivers.amqp import AmqpDriver
 from runtime.drivers.memory import MemoryDriver
 from runtime.drivers.redis import RedisDriver
 from runtime.drivers.sqlite import SqliteDriver
 from runtime.queue.driver import Delivery, Driver, DriverConsumer
 from runtime.queue.message import Message
 
+AMQP_URL = os.environ.get("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 BLOCK_CHECK = 0.05  # seconds a blocked call is given to (wrongly) return before we act
 
 
@@ -54,8 +56,11 @@ FACTORIES = [
     DriverFactory("memory", lambda tmp: MemoryDriver("test:memory"), lambda n: {"max_length": n}),
     DriverFactory("sqlite", _sqlite, lambda n: {"max_length": n}),
     DriverFactory("redis", _redis, lambda n: {"max_length": n}, engine=("127.0.0.1", 6379)),
+    DriverFactory("amqp", lambda tmp: AmqpDriver("test:amqp", {"url": AMQP_URL, "reconnect_delay": 0.2}),
+                  lambda n: {"max_length": n, "queue_expiry": 600.0}, {"queue_expiry": 600.0},
+                  engine=("127.0.0.1", 5672)),
 ]
-CLASSES = {"memory": MemoryDriver, "sqlite": SqliteDriver, "redis": RedisDriver}
+CLASSES = {"memory": MemoryDriver, "sqlite": SqliteDriver, "redis": RedisDriver, "amqp": AmqpDriver}
 
 
 def factories_with(capability: str) -> list[DriverFactory]:
@@ -133,6 +138,9 @@ class Harness:
             self.driver.purge(name)
             if isinstance(self.driver, RedisDriver):  # a shared server: no empty streams left behind
                 self.driver.delete_keys(name)
+            drop = getattr(self.driver, "delete_queue", None)  # a broker keeps queues: delete them
+            if drop is not None:
+                drop(name)
         self.driver.close()
 
 

@@ -365,8 +365,14 @@ _FIELD_VALUES: dict[str, st.SearchStrategy[Any]] = {
                                                                        "conditions")}) | _values,
     "groups": _values, "meta": _values, "lifecycle": _lifecycle, "typo_field": _values,
     "path": _scalars, "synchronous": _scalars, "visibility_timeout": _scalars, "poll_interval": _scalars,
-    "busy_timeout": _scalars, "url": _scalars, "addrs": _values, "password": _scalars, "db": _scalars,
-    "claim_min_idle": _scalars, "tls": _values, "retry": st.fixed_dictionaries({}, optional={
+    "busy_timeout": _scalars, "addrs": _values, "password": _scalars, "db": _scalars, "claim_min_idle": _scalars,
+    **{k: _scalars for k in (
+        "url", "vhost", "connection_name", "auth_mechanism", "heartbeat", "connection_timeout", "reconnect_delay",
+        "reconnect_max_delay", "default_message_ttl", "default_queue_ttl", "default_queue_expiry",
+        "prefetch_count", "frame_size", "channel_max")},
+    "tls": st.fixed_dictionaries({}, optional={k: _scalars for k in ("enabled", "cert", "key", "ca", "cert_env",
+                                                                     "server_name")}) | _values,
+    "retry": st.fixed_dictionaries({}, optional={
         k: _scalars for k in ("initial_delay", "max_delay", "multiplier", "jitter")}) | _values,
 }
 _VALID_NAMES = ["q", "d", "f", "c", "p", "lib", "svc", "pol", "jobs", "x.y"]
@@ -375,6 +381,10 @@ _KIND_FIELDS = {
     "queue.driver.sqlite": ["lifecycle", "path", "synchronous", "visibility_timeout", "poll_interval",
                             "busy_timeout"],
     "queue.driver.redis": ["lifecycle", "url", "addrs", "password", "db", "claim_min_idle", "tls"],
+    "queue.driver.amqp": ["lifecycle", "url", "vhost", "connection_name", "auth_mechanism", "heartbeat",
+                          "connection_timeout", "reconnect_delay", "reconnect_max_delay", "default_message_ttl",
+                          "default_queue_ttl", "default_queue_expiry", "prefetch_count", "frame_size",
+                          "channel_max", "tls"],
     "queue.queue": ["driver", "queue_name", "codec", "options", "driver_options", "dead_letter", "retry"],
     "queue.consumer": ["queue", "func", "concurrency", "prefetch", "auto_ack", "driver_options", "lifecycle",
                        "timeout", "memory_limit"],
@@ -615,6 +625,8 @@ def test_publish_nan_or_infinity_to_a_json_queue_is_refused(tmp_path: Path, star
     ({"x_attempts": 1}, "reserved"),
     ({"x_original_queue": "t:dlq"}, "reserved"),
     ({"x_": "a"}, "reserved"),
+    ({"X_attempts": 1}, "reserved"),
+    ({"X_Dead_Letter_Reason": "forged"}, "reserved"),
     ({"h": math.nan}, "'h'"),
     ({"h": math.inf}, "'h'"),
     ({"h": "bad \ud800"}, ""),
@@ -623,7 +635,8 @@ def test_publish_nan_or_infinity_to_a_json_queue_is_refused(tmp_path: Path, star
     ("h=a", ""),
 ], ids=["int-key", "none-key", "bytes-key", "tuple-key", "list-value", "str-list-value", "dict-value",
         "none-value", "bytes-value", "x_dead_letter_reason", "x_attempts", "x_original_queue", "x_",
-        "nan-value", "inf-value", "surrogate-value", "surrogate-key", "list-of-pairs", "string"])
+        "X_attempts", "X_mixed_case", "nan-value", "inf-value", "surrogate-value", "surrogate-key", "list-of-pairs",
+        "string"])
 def test_publish_with_bad_headers_is_refused(tmp_path: Path, start: Callable[[App], App], headers: Any,
                                              phrase: str) -> None:
     """Host-side headers follow the rules Lua's queue.publish enforces (SPEC §5): string
@@ -643,7 +656,7 @@ def test_publish_with_bad_headers_is_refused(tmp_path: Path, start: Callable[[Ap
     {"big": 10**30},
     {"tiny": 5e-324, "max": 1.7976931348623157e308, "neg_zero": -0.0},
     {"flag": False, "n": 0},
-    {"X_upper": "not reserved: the rule is the x_ prefix"},
+    {"Xu_upper": "not reserved: the rule is the x_ prefix, in any case"},
     {"a" * 1000: 1},
 ], ids=["empty-value", "unicode", "long-value", "big-int", "float-extremes", "false-and-zero", "X_upper",
         "long-key"])

@@ -175,7 +175,9 @@ def test_library_imports_and_sample_functions():
     assert value is None and err.kind == "Invalid"
 
 
-def test_library_is_shared_by_importers_in_one_state(tmp_path):
+def test_each_entry_has_its_own_library_instance(tmp_path):
+    # Hardening II (entries are isolated): app.call of two entries on one thread no longer
+    # shares one Lua state, so a library's state is per entry, as with consumers' workers.
     write_app(tmp_path, {"app.yaml": """
         namespace: t
         entries:
@@ -192,7 +194,7 @@ def test_library_is_shared_by_importers_in_one_state(tmp_path):
             source: "local c = require('counter') return function() return c.inc() end"
     """})
     app = App.load(tmp_path)
-    assert (app.call("t:a"), app.call("t:b"), app.call("t:a")) == (1, 2, 3)
+    assert (app.call("t:a"), app.call("t:b"), app.call("t:a")) == (1, 1, 2)
 
 
 def test_require_only_listed_modules(run_lua):

@@ -13,7 +13,10 @@ from typing import Any
 
 @dataclass(frozen=True)
 class Option:
-    """One option field. `type`: int, duration, text, bool, choice, mapping, list, any."""
+    """One option field. `type`: int, duration, text, bool, choice, mapping, list, any, url
+    (`choices` are the allowed schemes; a problem shows it with the password masked), pem (PEM
+    text, or a file that must exist, relative to the definition file) and env (the name of an
+    environment variable that must be set). A mapping with `fields` is checked by that schema."""
 
     type: str
     default: Any = None
@@ -22,6 +25,7 @@ class Option:
     maximum: float | None = None
     secret: bool = False  # never shown in logs, errors or output
     help: str = ""
+    fields: dict[str, Option] | None = None  # the schema of a nested mapping
 
 
 @dataclass(frozen=True)
@@ -70,6 +74,51 @@ DRIVER_KINDS: dict[str, DriverKind] = {
             "key_prefix": Option("text", "runtime:"),
         },
         queue_options={"max_length": Option("int", 0, minimum=0, help="0 means unbounded")},
+    ),
+    "queue.driver.amqp": DriverKind(
+        "runtime.drivers.amqp:AmqpDriver",
+        extra="amqp",
+        fields={
+            "url": Option("url", "amqp://guest:guest@localhost:5672/", choices=("amqp", "amqps"), secret=True),
+            "vhost": Option("text"),
+            "connection_name": Option("text"),
+            "auth_mechanism": Option("choice", "PLAIN", choices=("PLAIN", "EXTERNAL", "AMQPLAIN")),
+            "heartbeat": Option("duration", minimum=0.0),
+            "connection_timeout": Option("duration", minimum=0.0),
+            "reconnect_delay": Option("duration", 1.0, minimum=0.0),
+            "reconnect_max_delay": Option("duration", 30.0, minimum=0.0),
+            "default_message_ttl": Option("duration", minimum=0.0),
+            "default_queue_ttl": Option("duration", minimum=0.0),
+            "default_queue_expiry": Option("duration", minimum=0.0),
+            "prefetch_count": Option("int", 0, minimum=0, maximum=65535),
+            "frame_size": Option("int", 0, minimum=0),
+            "channel_max": Option("int", 0, minimum=0, maximum=65535),
+            "tls": Option("mapping", fields={
+                "enabled": Option("bool", False),
+                "server_name": Option("text"),
+                "cert": Option("pem"),
+                "key": Option("pem", secret=True),
+                "ca": Option("pem"),
+                "cert_env": Option("env"),
+                "key_env": Option("env"),
+                "ca_env": Option("env"),
+                "insecure_skip_verify": Option("bool", False),
+            }),
+        },
+        queue_options={
+            "durable": Option("bool", True),
+            "auto_delete": Option("bool", False),
+            "message_ttl": Option("duration", minimum=0.0),
+            "queue_expiry": Option("duration", minimum=0.0),
+            "max_length": Option("int", 0, minimum=0, help="0 means unbounded; a full queue refuses publishes"),
+            "queue_type": Option("choice", "classic", choices=("classic", "quorum")),
+        },
+        consumer_options={
+            "exclusive": Option("bool", False),
+            "no_local": Option("bool", False),
+            "no_wait": Option("bool", False),
+            "consumer_tag": Option("text"),
+        },
     ),
 }
 

@@ -77,8 +77,12 @@ class MemoryDriver(Driver):
 
     def _publish(self, queue: str, messages: Sequence[Message], timeout: float, cancel: threading.Event | None,
                  delay: float, force: bool) -> None:
-        q = self._queue(queue)
+        q = self._queues.get(queue) or self._queue(queue)
         with q.lock:
+            if not delay and not force and len(messages) == 1 and len(q.items) < q.max_length:
+                q.items.append((messages[0], 1))  # the common case, kept short
+                q.not_empty.notify()
+                return
             if delay > 0:
                 due = time.monotonic() + delay
                 for m in messages:

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from ..drivers import driver_class
 from ..errors import DriverUnavailable, LuaHandlerError
 from ..lua.sandbox import LuaSandbox
+from ..lua.threads import start_lua_thread
 from ..queue.consumer import ConsumerPool
 from ..queue.driver import Activity, Backoff, Driver
 from ..queue.handler import LuaHandler
@@ -60,6 +61,8 @@ class DriverService(Service):
 
     def start(self) -> None:
         self.driver = self.drivers.get(self.spec.id)
+        if self.driver is not None and self.driver.options != dict(self.spec.options):
+            self.driver = None  # its definition changed (--watch): a new driver, the old one is closed
         if self.driver is None:
             restart = self.spec.lifecycle.restart
             backoff = Backoff(restart.initial_delay, restart.max_delay) if restart else None
@@ -111,6 +114,7 @@ class ConsumerService(Service):
         self.router = router
         self.make_sandbox = make_sandbox
         self.pool: ConsumerPool | None = None
+        self.timed = False  # measure handler durations (set by the app for --metrics)
 
     def start(self) -> None:
         queue = self.router.bound(self.spec.queue)
@@ -130,6 +134,7 @@ class ConsumerService(Service):
             return LuaHandler(make_sandbox, self.spec.func, queue.codec, timeout)
 
         self.pool = ConsumerPool(self.spec, queue, dead_letter, make_handler)
+        self.pool.timed = self.timed
         self.pool.start()
 
     def begin_stop(self) -> None:
@@ -170,8 +175,7 @@ class ProcessService(Service):
     def start(self) -> None:
         self.sandbox = self._new_sandbox()
         self.sandbox.ensure_loaded(self.spec.process)  # a bad chunk refuses the start
-        self.thread = threading.Thread(target=self._run, daemon=True, name=self.id)
-        self.thread.start()
+        self.thread = start_lua_thread(self._run, name=self.id)
 
     def _new_sandbox(self) -> LuaSandbox:
         return self.make_sandbox(security=self.spec.lifecycle.security)

@@ -8,6 +8,7 @@ state is per worker by contract.
 from __future__ import annotations
 
 import re
+import weakref
 from typing import TYPE_CHECKING, Any
 
 from ..errors import LuaHandlerError
@@ -31,6 +32,53 @@ def _pad4(result: Any) -> tuple[Any, Any, Any, Any]:
         return result, None, None, None
     a, b, c, d, *_ = result + (None, None, None, None)
     return a, b, c, d
+
+
+_METERED_GLUE = """
+-- metered glue: how the host and a memory-limited state exchange values (see LuaSandbox._invoke).
+local slot = ...
+local unpack = table.unpack or unpack
+local function clear(n, ...)
+    for i = 1, n do slot[i] = nil end
+    return ...
+end
+local glue = {}
+function glue.call_from_slot(fn, n) return fn(clear(n, unpack(slot, 1, n))) end
+function glue.call_keep_table(fn, n) -- host.call: its exported table stays in slot[1] for the host
+    local ok, count, out, kind = fn(clear(n, unpack(slot, 1, n)))
+    if ok then slot[1] = out return true, count end
+    return ok, count, out, kind
+end
+function glue.deliver_from_slot(deliver, has_value, attempt, timeout)
+    local body, value = slot[1], slot[2]
+    slot[1], slot[2] = nil, nil
+    return deliver(body, value, has_value, attempt, timeout)
+end
+function glue.wrap_bridge(raw) -- results that need memory come back in slot
+    local out = {}
+    for name, fn in pairs(raw) do
+        out[name] = function(...)
+            local a, b, c = fn(...)
+            if a == slot then
+                a, b, c = slot[1], slot[2], slot[3]
+                slot[1], slot[2], slot[3] = nil, nil, nil
+            end
+            return a, b, c
+        end
+    end
+    return out
+end
+return glue
+"""
+
+
+def _lua_error_text(exc: Exception) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return "not enough memory" if isinstance(exc, MemoryError) or "not enough memory" in text else text
+
+
+def _lua_error_kind(exc: Exception) -> str | None:
+    return "Memory" if _lua_error_text(exc) == "not enough memory" else None
 
 
 def chunk_name(source: LuaSource) -> str:
@@ -63,7 +111,19 @@ class LuaSandbox:
         g = self.lua.globals()
         if limited and g.jit is not None:
             g.jit.off()
-        bridge = self.lua.table_from(self.bridge.functions())
+        self.metered = memory_limit is not None
+        self._slot = self.lua.table()
+        self._limit_total = 0
+        self._limit_now = 0  # the allocator's current limit: 0 (none) except while Lua code runs
+        functions = self.bridge.functions()
+        if self.metered:
+            functions = {name: self._metered_bridge(fn) for name, fn in functions.items()}
+        bridge = self.lua.table_from(functions)
+        glue: Any = None
+        if self.metered:
+            glue_fn = g.load(_METERED_GLUE, "=metered", "t")
+            glue = glue_fn(self._slot)
+            bridge = glue.wrap_bridge(bridge)
         state = self.lua.table()
 
         def run(name: str, *args: Any) -> Any:
@@ -78,17 +138,70 @@ class LuaSandbox:
         state.clock = clock
         mods = self.lua.table_from({
             "errors": errors, "json": json, "state": state, "clock": clock, "limited": limited,
-            "logger": run("logger", bridge, json, errors),
+            "metered": memory_limit is not None,
+            "logger": run("logger", bridge, json, errors, state),
             "time": run("time", bridge, errors, state),
             "queue": run("queue", bridge, json, errors, state),
         })
         self.host = run("sandbox", bridge, mods)
-        if memory_limit is not None:
-            self.lua.set_max_memory(memory_limit)
         self.json = json
         self._host_load = self.host.load
         self._host_call = self.host.call
         self._deliverers: dict[str, Any] = {}
+        self._glue = glue
+        if memory_limit is not None:
+            g.collectgarbage("collect")  # the modules' garbage does not count against the handler
+            self._limit_total = int(self.lua.get_memory_used(total=True)) + memory_limit
+
+    # -- memory limits ---------------------------------------------------------------------
+    # A Lua 5.4 state with a memory limit panics (abort) or, inside a call from Lua into
+    # Python, deadlocks (lupa holds the GIL when the error unwinds) if an allocation fails
+    # outside a protected call. So the limit is applied only while Lua code runs: the host
+    # hands big values over through `_slot` with the limit lifted, and bridge functions leave
+    # results that need memory there too (see _METERED_GLUE). An allocation over the limit
+    # then always happens inside Lua code, where it is an ordinary memory error of that call.
+    def _invoke(self, fn: Any, *args: Any) -> Any:
+        """Call a Lua function under the memory limit; only small values (numbers, booleans,
+        nil, Lua objects already in the state) may be passed or returned."""
+        lua = self.lua
+        self._limit_now = self._limit_total
+        lua.set_max_memory(self._limit_total, total=True)
+        try:
+            return fn(*args)
+        finally:
+            self._limit_now = 0
+            lua.set_max_memory(0)
+
+    def _fill_slot(self, values: list[Any]) -> int:
+        slot = self._slot
+        for i, v in enumerate(values, 1):
+            slot[i] = v
+        return len(values)
+
+    def _metered_bridge(self, fn: Any) -> Any:
+        # The function lives inside the Lua state: it holds the sandbox only weakly, or the
+        # cycle through the state (invisible to Python's collector) would keep every replaced
+        # state alive.
+        ref = weakref.ref(self)
+
+        def metered(*args: Any) -> Any:
+            result = fn(*args)
+            values = result if isinstance(result, tuple) else (result,)
+            if all(v is None or isinstance(v, (bool, int, float)) for v in values):
+                return result  # pushing these allocates nothing
+            sandbox = ref()
+            if sandbox is None:
+                return None, "Internal", "the Lua state is closed"
+            lua = sandbox.lua
+            lua.set_max_memory(0)
+            try:
+                sandbox._fill_slot(list(values))
+            finally:
+                if sandbox._limit_now:
+                    lua.set_max_memory(sandbox._limit_now, total=True)
+            return sandbox._slot
+        metered.__name__ = getattr(fn, "__name__", "bridge")
+        return metered
 
     # -- loading ---------------------------------------------------------------------------
     def ensure_loaded(self, entry_id: str) -> LuaCodeSpec:
@@ -102,11 +215,13 @@ class LuaSandbox:
         for lib in spec.imports.values():
             self.ensure_loaded(lib)
         src = spec.source
-        ok, msg, tb = self._unpack3(self._host_load(
-            entry_id, spec.kind, src.chunk_text, chunk_name(src),
-            self.lua.table_from(list(spec.modules)), self.lua.table_from(spec.imports), spec.method,
-            self.timeout,
-        ))
+        args = [entry_id, spec.kind, src.chunk_text, chunk_name(src), self.lua.table_from(list(spec.modules)),
+                self.lua.table_from(spec.imports), spec.method, self.timeout]
+        if self.metered:
+            result = self._metered(self._glue.call_from_slot, self._host_load, self._fill_slot(args))
+        else:
+            result = self._lua_call(self._host_load, *args)
+        ok, msg, tb = self._unpack3(result)
         if not ok:
             where = display_path(src.path)
             raise LuaHandlerError(f"cannot load {spec.kind} from {where}: {msg}",
@@ -129,11 +244,19 @@ class LuaSandbox:
             lua_args = [to_lua(self.lua, a) for a in args]
         except TypeError as exc:
             raise LuaHandlerError(f"cannot pass arguments to {entry_id}: {exc}", entry_id=entry_id) from None
-        result = self._host_call(entry_id, timeout, *lua_args)
+        if self.metered:
+            result = self._metered(self._glue.call_keep_table, self._host_call,
+                                   self._fill_slot([entry_id, timeout, *lua_args]))
+        else:
+            result = self._lua_call(self._host_call, entry_id, timeout, *lua_args)
         if not result[0]:
             _, msg, tb, _ = _pad4(result)
             raise LuaHandlerError(str(msg), clean_traceback(tb or ""), entry_id=entry_id)
-        n, values = result[1], result[2]
+        if self.metered:
+            n, values = result[1], self._slot[1]
+            self._slot[1] = None
+        else:
+            n, values = result[1], result[2]
         out = [from_lua(values[i]) for i in range(1, n + 1)]
         if n == 0:
             return None
@@ -156,7 +279,26 @@ class LuaSandbox:
                 value = to_lua(self.lua, value)
             except TypeError as exc:
                 return UNDECODABLE, f"body cannot be handed to Lua: {exc}", None, None
+        if self.metered:
+            self._fill_slot([body, value])
+            try:
+                return _pad4(self._invoke(self._glue.deliver_from_slot, deliver, has_value, attempt, timeout))
+            except Exception as exc:  # noqa: BLE001 - lupa's LuaError: a failure of this delivery
+                return 1, _lua_error_text(exc), None, _lua_error_kind(exc)
         return _pad4(deliver(body, value, has_value, attempt, timeout))
+
+    def _metered(self, fn: Any, *args: Any) -> Any:
+        try:
+            return self._invoke(fn, *args)
+        except Exception as exc:  # noqa: BLE001 - lupa's LuaError: the runtime's own error instead
+            return False, _lua_error_text(exc), "", _lua_error_kind(exc)
+
+    @staticmethod
+    def _lua_call(fn: Any, *args: Any) -> Any:
+        try:
+            return fn(*args)
+        except Exception as exc:  # noqa: BLE001 - lupa's LuaError: the runtime's own error instead
+            return False, _lua_error_text(exc), "", _lua_error_kind(exc)
 
     def compile(self, text: str, chunkname: str) -> str | None:
         """Syntax-check Lua text without running it; the error message, or None."""

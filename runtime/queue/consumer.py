@@ -16,13 +16,16 @@ import logging
 import random
 import threading
 import time
+from bisect import bisect_left
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from time import perf_counter
 
 from ..drivers.catalog import driver_key
 from ..errors import DriverUnavailable, LuaHandlerError, RuntimeHostError
 from ..lua.sandbox import clean_traceback
+from ..lua.threads import start_lua_thread
 from ..registry import ConsumerSpec
 from .driver import Delivery, DriverConsumer
 from .handler import ACK, SETTLED, Handler, Outcome
@@ -41,6 +44,22 @@ class Counters:
     processed: int = 0
 
 
+# Upper bounds (seconds) of the handler-duration histogram's buckets (`--metrics`).
+DURATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+@dataclass
+class Durations:
+    """One worker's handler durations: counts per bucket (the last one above every bound)."""
+
+    counts: list[int] = field(default_factory=lambda: [0] * (len(DURATION_BUCKETS) + 1))
+    total: float = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect_left(DURATION_BUCKETS, seconds)] += 1
+        self.total += seconds
+
+
 @dataclass
 class _Worker:
     index: int
@@ -48,6 +67,8 @@ class _Worker:
     thread: threading.Thread | None = None
     current: Delivery | None = None
     counters: Counters = field(default_factory=Counters)
+    durations: Durations = field(default_factory=Durations)
+    settle: Callable[[str], None] | None = None  # msg:ack()/msg:nack(), see ConsumerPool._settler
 
 
 class ConsumerPool:
@@ -61,6 +82,8 @@ class ConsumerPool:
         self.dead_letter = dead_letter
         self.make_handler = make_handler
         self.workers = [_Worker(i) for i in range(spec.concurrency)]
+        for w in self.workers:
+            w.settle = self._settler(w)
         self.source: DriverConsumer | None = None
         self._buffer: deque[Delivery] = deque()
         self._refill = threading.Lock()
@@ -69,6 +92,7 @@ class ConsumerPool:
         self.started = False
         self.retry = queue.spec.retry
         self.reconnecting = False
+        self.timed = False  # measure handler durations (for --metrics); off: no clock reads per message
         self._counted = False  # this pool is in its queue's consumer_count
 
     # -- start -------------------------------------------------------------------------------
@@ -78,9 +102,7 @@ class ConsumerPool:
         ready = threading.Barrier(len(self.workers) + 1)
         failures: list[LuaHandlerError] = []
         for w in self.workers:
-            w.thread = threading.Thread(target=self._worker_main, args=(w, ready, failures), daemon=True,
-                                        name=f"{self.spec.id}#{w.index}")
-            w.thread.start()
+            w.thread = start_lua_thread(self._worker_main, args=(w, ready, failures), name=f"{self.spec.id}#{w.index}")
         ready.wait()
         if failures:
             self._stopping.set()
@@ -191,7 +213,12 @@ class ConsumerPool:
             return
         if self.spec.auto_ack and self.source.ack(d):
             w.counters.acked += 1
-        out: Outcome = handler.handle(d, lambda action: self._settle(w, d, action))
+        if self.timed:
+            began = perf_counter()
+            out: Outcome = handler.handle(d, w.settle)  # type: ignore[arg-type]
+            w.durations.observe(perf_counter() - began)
+        else:
+            out = handler.handle(d, w.settle)  # type: ignore[arg-type]
         if out.status == ACK:
             if not self.spec.auto_ack and self.source.ack(d):
                 w.counters.acked += 1
@@ -204,6 +231,18 @@ class ConsumerPool:
         if self.spec.auto_ack:
             return  # at-most-once: already settled, not redelivered
         self._fail(w, d, out.error or "handler failed")
+
+    def _settler(self, w: _Worker) -> Callable[[str], None]:
+        """A worker's early-settle callback (msg:ack()/msg:nack()), made once per worker:
+        it settles the delivery the worker is running."""
+
+        def settle(action: str) -> None:
+            d = w.current
+            if d is None:
+                raise RuntimeHostError("no message to settle")
+            self._settle(w, d, action)
+
+        return settle
 
     def _settle(self, w: _Worker, d: Delivery, action: str) -> None:
         assert self.source is not None
@@ -315,6 +354,14 @@ class ConsumerPool:
             self.source.release(pending)  # back to the head, in their order
 
     # -- stats -------------------------------------------------------------------------------
+    def durations(self) -> Durations:
+        """Handler durations of all workers added up."""
+        total = Durations()
+        for w in self.workers:
+            total.counts = [a + b for a, b in zip(total.counts, w.durations.counts, strict=True)]
+            total.total += w.durations.total
+        return total
+
     def stats(self) -> dict[str, int]:
         total = Counters()
         in_flight = 0

@@ -42,7 +42,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, NamedTuple, TypeVar
 
 from ..errors import DriverUnavailable, RuntimeHostError
 from .message import Message
@@ -66,10 +66,10 @@ class Capabilities:
     min_wait: float = 0.0  # the shortest useful blocking wait in fetch
 
 
-@dataclass(frozen=True, slots=True)
-class Delivery:
+class Delivery(NamedTuple):
     """A message handed to a consumer: its queue, attempt number and settle token (opaque to
-    everyone but the driver that made it)."""
+    everyone but the driver that made it). A named tuple: made once per message, and the
+    cheapest immutable record to make."""
 
     queue: str
     message: Message
@@ -170,9 +170,15 @@ class Driver:
 
     def publish(self, queue: str, messages: Sequence[Message], timeout: float = 30.0,
                 cancel: threading.Event | None = None, *, delay: float = 0.0, force: bool = False) -> None:
-        if messages:
-            self.engine(self._publish, queue, messages, timeout, cancel, max(0.0, delay), force)
-            self.activity.bump()
+        if not messages:
+            return
+        try:  # inline rather than through engine(): this is on every message's path
+            self._publish(queue, messages, timeout, cancel, delay if delay > 0 else 0.0, force)
+        except RuntimeHostError:
+            raise
+        except self.connection_errors as exc:
+            raise self.unavailable(exc) from None
+        self.activity.bump()
 
     def consume(self, queue: str, consumer_id: str, prefetch: int,
                 options: Mapping[str, Any] | None = None) -> DriverConsumer:
@@ -195,8 +201,12 @@ class Driver:
         except RuntimeHostError:
             raise
         except self.connection_errors as exc:
-            self._lost(exc)
-            raise DriverUnavailable(f"driver {self.entry_id}: {self.describe_error(exc)}") from None
+            raise self.unavailable(exc) from None
+
+    def unavailable(self, exc: BaseException) -> DriverUnavailable:
+        """A lost connection (logged once) as the error to raise."""
+        self._lost(exc)
+        return DriverUnavailable(f"driver {self.entry_id}: {self.describe_error(exc)}")
 
     def describe_error(self, exc: BaseException) -> str:
         """An engine error as text for logs and errors; drivers mask secrets here."""
@@ -290,20 +300,25 @@ class DriverConsumer:
                     self._in_flight[d.token] = d
         return got
 
-    def _settle(self, d: Delivery) -> bool:
-        with self._lock:
-            return self._in_flight.pop(d.token, None) is not None
-
     def ack(self, d: Delivery) -> bool:
-        if not self._settle(d):
-            return False
-        self.driver.engine(self._ack, d)
-        self.driver.activity.bump()
+        # The per-message path: the in-flight check and the primitive inline, no wrappers.
+        with self._lock:
+            if self._in_flight.pop(d.token, None) is None:
+                return False
+        driver = self.driver
+        try:
+            self._ack(d)
+        except RuntimeHostError:
+            raise
+        except driver.connection_errors as exc:
+            raise driver.unavailable(exc) from None
+        driver.activity.bump()
         return True
 
     def retry(self, d: Delivery, delay: float = 0.0) -> bool:
-        if not self._settle(d):
-            return False
+        with self._lock:
+            if self._in_flight.pop(d.token, None) is None:
+                return False
         self.driver.engine(self._retry, d, max(0.0, delay))
         self.driver.activity.bump()
         return True

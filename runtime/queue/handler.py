@@ -27,6 +27,9 @@ class Outcome(NamedTuple):
     what: str | None = None  # what went wrong, for the log ("ran out of memory ...")
 
 
+ACKED = Outcome(ACK)  # the common outcome, made once
+
+
 class Handler(Protocol):
     def handle(self, delivery: Delivery, settle: Callable[[str], None]) -> Outcome:
         """Run on one delivery; `settle("ack"|"nack")` settles it early (msg:ack())."""
@@ -79,13 +82,15 @@ class LuaHandler:
             bridge.delivery = None
         status, error, tb, kind = result
         if status == ACK:
-            return Outcome(ACK)
+            return ACKED
         if status == UNDECODABLE:
             return Outcome(UNDECODABLE, error, tb, "Invalid", "could not decode the message body")
         what = None
         if kind == "Memory":
             what = f"ran out of memory (memory_limit {sandbox.memory_limit} bytes)"
             self._replace_sandbox()  # after a memory error the state may stay full
+        elif kind == "Timeout":
+            self._replace_sandbox()  # stopped mid-way: its module state may be half-updated (or full)
         return Outcome(status, error, tb, kind or ("Internal" if status != SETTLED or error else None), what)
 
     def _replace_sandbox(self) -> None:

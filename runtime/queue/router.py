@@ -17,7 +17,7 @@ from typing import Any
 from ..drivers.catalog import driver_key
 from ..errors import InvalidMessage, QueueNotFound, QueueUnavailable
 from ..registry import QueueSpec, Registry, parse_duration
-from .codecs import Codec, get_codec
+from .codecs import Codec, JsonCodec, get_codec
 from .driver import Driver
 from .message import HeaderValue, Message
 
@@ -59,7 +59,7 @@ class BoundQueue:
 
 def check_headers(headers: dict[str, Any] | None) -> dict[str, HeaderValue]:
     """Headers from Python, by the rules Lua's queue.publish applies: string names, finite
-    scalar values, valid Unicode, no reserved `x_` names."""
+    scalar values, valid Unicode, no reserved `x_` names (in any case)."""
     if headers is None:
         return {}
     if not isinstance(headers, dict):
@@ -70,7 +70,7 @@ def check_headers(headers: dict[str, Any] | None) -> dict[str, HeaderValue]:
             raise InvalidMessage(f"header names must be strings (got {type(key).__name__})")
         if not _valid_text(key):
             raise InvalidMessage(f"header name {key!r} is not valid Unicode")
-        if key.startswith("x_"):
+        if key[:2].lower() == "x_":  # X_attempts too: drivers and readers may not tell them apart
             raise InvalidMessage(f"header '{key}' is reserved: names starting with 'x_' belong to the runtime")
         if isinstance(value, float) and not math.isfinite(value):
             raise InvalidMessage(f"header '{key}' must be a finite number")
@@ -78,6 +78,41 @@ def check_headers(headers: dict[str, Any] | None) -> dict[str, HeaderValue]:
             raise InvalidMessage(f"header '{key}' must be a string, number or boolean")
         out[key] = value
     return out
+
+
+MAX_SAFE_INTEGER = 2**53
+# 2^53 has 16 digits; every smaller integer has fewer. Digits map to "0", the rest to "x":
+# two C passes over the encoded body, much cheaper than a regex or a walk of the value.
+_DIGITS_AS_ZERO = bytes(48 if 48 <= i <= 57 else 120 for i in range(256))
+_SIXTEEN_DIGITS = b"0" * 16
+
+
+def check_travels(data: Any) -> None:
+    """Refuse a body a handler could not receive unchanged: integers beyond ±2^53 (Lua
+    numbers are doubles: they would be rounded) and NaN or infinities. What can travel
+    (-0.0, big floats, deep values within the codec's limits) is kept as it is."""
+    stack = [data]
+    seen = 0
+    while stack:
+        v = stack.pop()
+        seen += 1
+        if seen > 10_000_000:
+            return  # the codec refuses what is too large; this is not a size check
+        if isinstance(v, bool) or v is None or isinstance(v, str):
+            continue
+        if isinstance(v, int):
+            if not -MAX_SAFE_INTEGER <= v <= MAX_SAFE_INTEGER:
+                raise InvalidMessage(f"integer {v} cannot travel unchanged: Lua numbers are exact only up to 2^53")
+        elif isinstance(v, float):
+            if not math.isfinite(v):
+                raise InvalidMessage(f"cannot send {v} (NaN and infinities have no JSON form)")
+        elif isinstance(v, dict):
+            stack.extend(v.values())
+            stack.extend(k for k in v if isinstance(k, (int, float)) and not isinstance(k, bool))
+        elif isinstance(v, (list, tuple)):
+            if len(stack) > 10_000_000:
+                return
+            stack.extend(v)
 
 
 def _valid_text(s: str) -> bool:
@@ -100,7 +135,9 @@ class QueueRouter:
         self.authorize: Callable[[Any, str, str], None] | None = None
 
     def bind(self, spec: QueueSpec, driver: Driver) -> BoundQueue:
-        driver.declare(spec.queue_name, dict(spec.driver_options.get(driver_key(driver.kind), {}) or {}))
+        options = dict(spec.driver_options.get(driver_key(driver.kind), {}) or {})
+        options["codec"] = spec.codec  # drivers that label messages (AMQP content type) read it
+        driver.declare(spec.queue_name, options)
         bound = BoundQueue(spec, driver, get_codec(spec.codec))
         self.queues[spec.id] = bound
         return bound
@@ -123,7 +160,12 @@ class QueueRouter:
     def publish_value(self, queue_id: str, data: Any, headers: dict[str, Any] | None = None,
                       delay: float | str | None = None) -> str:
         bound = self.bound(queue_id)
-        message = Message.new(bound.codec.encode(data), check_headers(headers))
+        body = bound.codec.encode(data)
+        # JSON text without a run of 16 digits holds no integer beyond 2^53 (and the codec
+        # refused NaN and infinities): the full check runs only when one might be there.
+        if not isinstance(bound.codec, JsonCodec) or _SIXTEEN_DIGITS in body.translate(_DIGITS_AS_ZERO):
+            check_travels(data)
+        message = Message.new(body, check_headers(headers))
         bound.put(message, self.publish_timeout, delay=check_delay(delay))
         return message.id
 

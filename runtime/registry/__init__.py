@@ -28,7 +28,7 @@ from .kinds import (
     ServiceSpec,
 )
 from .sources import display_path, find_definition_files, read_definition_file
-from .validate import check_cycles, check_refs, dependency_graph
+from .validate import check_cycles, check_queue_names, check_refs, dependency_graph
 
 __all__ = [
     "Registry", "load_registry", "EntrySpec", "ConsumerSpec", "FunctionSpec", "LibrarySpec",
@@ -93,6 +93,7 @@ def load_registry(app_dir: Path) -> tuple[Registry, list[Problem]]:
                 continue
             entries[raw.id] = parser(raw, problems, refs)
     problems += check_refs(entries, refs)
+    problems += check_queue_names(entries)
     graph = dependency_graph(entries, refs)
     problems += check_cycles(entries, graph)
     return Registry(app_dir, entries, graph, files), problems

@@ -5,7 +5,10 @@ running things)."""
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from ..drivers.catalog import DRIVER_KINDS, Option, driver_key
 from .fields import FieldReader
@@ -35,7 +38,23 @@ def read_option(r: FieldReader, key: str, opt: Option) -> Any:
     if opt.type == "bool":
         return r.flag(key, bool(opt.default))
     if opt.type == "choice":
-        return r.text(key, default=opt.default, choices={c: c for c in opt.choices})
+        return r.text(key, default=opt.default, choices={c.lower(): c for c in opt.choices})
+    if opt.type == "url":
+        return _read_url(r, key, opt)
+    if opt.type == "pem":
+        return _read_pem(r, key)
+    if opt.type == "env":
+        name = r.text(key)
+        if name is not None and ("\0" in name or os.environ.get(name) is None):
+            r.problem(key, f"environment variable '{name}' is not set")
+        return name
+    if opt.type == "mapping" and opt.fields is not None:
+        sub = r.sub(key)
+        if sub is None:
+            return opt.default
+        values = read_options(sub, opt.fields)
+        sub.finish()
+        return values
     if opt.type == "text":
         return r.text(key, default=opt.default)
     if opt.type == "mapping":
@@ -44,6 +63,57 @@ def read_option(r: FieldReader, key: str, opt: Option) -> Any:
         return r.items(key) if key in r.data else opt.default
     r.used.add(key)
     return r.data.get(key, opt.default)
+
+
+def mask_url(url: str) -> str:
+    """A URL with its password replaced by ***, for logs, errors and output."""
+    try:
+        parts = urlsplit(url)
+        if parts.password is None:
+            return url
+        user = parts.username or ""
+        host = parts.netloc.rsplit("@", 1)[-1]
+        return parts._replace(netloc=f"{user}:***@{host}").geturl()
+    except ValueError:
+        return "<invalid url>"
+
+
+def _read_url(r: FieldReader, key: str, opt: Option) -> Any:
+    value = r.text(key, default=opt.default)
+    if value is None or key not in r.data:
+        return value
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises on a bad port
+    except ValueError as exc:
+        r.problem(key, f"'{mask_url(value)}' is not a valid URL ({exc})")
+        return opt.default
+    if opt.choices and parts.scheme.lower() not in opt.choices:
+        r.problem(key, f"'{mask_url(value)}' must start with {' or '.join(c + '://' for c in opt.choices)}")
+        return opt.default
+    if not parts.hostname:
+        r.problem(key, f"'{mask_url(value)}' names no host")
+        return opt.default
+    return value
+
+
+def _read_pem(r: FieldReader, key: str) -> str | None:
+    """PEM text as it is, or a file path (relative to the definition file) that must exist;
+    returned as an absolute path."""
+    value = r.text(key)
+    if value is None or "-----BEGIN" in value:
+        return value
+    path = Path(value).expanduser()
+    try:
+        if not path.is_absolute():
+            path = Path(r.file).resolve().parent / path
+        found = path.is_file()
+    except (OSError, ValueError):
+        found = False
+    if not found:
+        r.problem(key, f"file '{value}' not found ({path})")
+        return None
+    return str(path)
 
 
 def read_options(r: FieldReader, schema: dict[str, Option]) -> dict[str, Any]:

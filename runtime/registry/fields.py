@@ -6,6 +6,7 @@ Durations become float seconds and sizes become bytes here, once, at load time.
 from __future__ import annotations
 
 import difflib
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -22,14 +23,27 @@ _SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1024, "kib": 1024, "m": 1024**2, 
                "tb": 1024**4, "tib": 1024**4}
 
 
+MAX_DURATION = 10 * 365 * 24 * 3600.0  # ten years: anything longer is a mistake, and overflows timers
+MIN_MEMORY_LIMIT = 64 * 1024  # below this a handler's Lua state cannot run anything
+
+
+def _finite_duration(number: float) -> float:
+    if math.isnan(number) or math.isinf(number):
+        raise ValueError(f"a duration must be a finite number of seconds (got {number})")
+    if number < 0:
+        raise ValueError("a duration cannot be negative")
+    if number > MAX_DURATION:
+        raise ValueError(f"a duration cannot be longer than {MAX_DURATION:.0f}s (ten years)")
+    return number
+
+
 def parse_duration(value: Any) -> float:
-    """`500ms`, `10s`, `1m30s`, or a number of seconds -> float seconds. ValueError if bad."""
+    """`500ms`, `10s`, `1m30s`, or a number of seconds -> float seconds. ValueError if bad
+    (negative, NaN, infinite, longer than ten years)."""
     if isinstance(value, bool):
         raise ValueError("expected a duration")
     if isinstance(value, (int, float)):
-        if value < 0:
-            raise ValueError("a duration cannot be negative")
-        return float(value)
+        return _finite_duration(float(value))
     if not isinstance(value, str) or not value.strip():
         raise ValueError("expected a duration like '500ms', '10s' or '1m30s'")
     text = value.strip()
@@ -44,10 +58,8 @@ def parse_duration(value: Any) -> float:
             pos = m.end()
         if pos != len(text) or pos == 0:
             raise ValueError(f"'{value}' is not a duration (use e.g. '500ms', '10s', '1m30s')") from None
-        return total
-    if number < 0:
-        raise ValueError("a duration cannot be negative")
-    return number
+        return _finite_duration(total)
+    return _finite_duration(number)
 
 
 def parse_size(value: Any) -> int:
@@ -58,10 +70,15 @@ def parse_size(value: Any) -> int:
         if value < 0:
             raise ValueError("a size cannot be negative")
         return value
+    if isinstance(value, float) and value.is_integer() and value >= 0:
+        return int(value)
     if isinstance(value, str):
         m = _SIZE_RE.fullmatch(value.strip())
         if m and m.group(2).lower() in _SIZE_UNITS:
-            return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
+            size = float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()]
+            if not size.is_integer():
+                raise ValueError(f"'{value}' is not a whole number of bytes")
+            return int(size)
     raise ValueError(f"'{value}' is not a size (use e.g. '64MB', '512KB' or a number of bytes)")
 
 
@@ -185,6 +202,23 @@ class FieldReader:
             self.problem(key, str(exc))
             return default
 
+    def limit_duration(self, key: str) -> float | None:
+        """A time limit: unset means none; 0 is refused (it is not "no limit")."""
+        value = self.duration(key)
+        if value is not None and value <= 0:
+            self.problem(key, "must be more than 0 (leave it unset for no time limit)")
+            return None
+        return value
+
+    def limit_size(self, key: str) -> int | None:
+        """A memory limit: unset means none; 0 and sizes too small to run a handler are refused."""
+        value = self.size(key)
+        if value is not None and value < MIN_MEMORY_LIMIT:
+            self.problem(key, f"must be at least {MIN_MEMORY_LIMIT // 1024}KB (got {value} bytes; "
+                              "leave it unset for no memory limit)")
+            return None
+        return value
+
     def size(self, key: str) -> int | None:
         value = self._get(key, False)
         if value is None:
@@ -204,12 +238,17 @@ class FieldReader:
             return {}
         return plain(value)
 
-    def items(self, key: str) -> list[Any]:
+    def items(self, key: str, max_values: int | None = None) -> list[Any]:
+        """A list. With `max_values`: refused if it would expand to more values than that
+        when handed over (YAML aliases share containers; an alias bomb or cycle expands)."""
         value = self._get(key, False)
         if value is None:
             return []
         if not isinstance(value, list):
             self.problem(key, f"must be a list, got {type_name(value)}")
+            return []
+        if max_values is not None and expanded_size(value, max_values) > max_values:
+            self.problem(key, f"expands to more than {max_values} values (through YAML aliases or a cycle)")
             return []
         return plain(value)
 
@@ -297,3 +336,20 @@ def plain(value: Any, memo: dict[int, Any] | None = None) -> Any:
     if isinstance(value, str):
         return str(value)
     return value
+
+
+def expanded_size(value: Any, limit: int) -> int:
+    """How many values `value` holds once every shared container (YAML alias) is copied out,
+    counting no further than just past `limit` (so a cycle or an alias bomb ends quickly)."""
+    count = 0
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        count += 1
+        if count > limit:
+            return count
+        if isinstance(v, dict):
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
+    return count

@@ -31,6 +31,9 @@ LUA_MODULES = ("json", "logger", "queue", "time")
 STANDARD_TABLES = ("string", "table", "math", "coroutine", "os", "errors")
 
 
+MAX_ARGS_VALUES = 100_000  # a process.service's args, once YAML aliases are expanded
+
+
 @dataclass(frozen=True)
 class RestartPolicy:
     max_attempts: int = 0  # 0: retry forever
@@ -358,8 +361,8 @@ def parse_consumer(raw: RawEntry, problems: list[Problem], refs: list[Ref]) -> E
         prefetch=r.number("prefetch", default=10, maximum=MAX_PREFETCH, nonpositive_is_default=True),
         auto_ack=r.flag("auto_ack", False),
         driver_options=read_driver_options(r, "consumer"),
-        timeout=r.duration("timeout"),
-        memory_limit=r.size("memory_limit"),
+        timeout=r.limit_duration("timeout"),
+        memory_limit=r.limit_size("memory_limit"),
     )
     r.finish()
     return spec
@@ -368,7 +371,7 @@ def parse_consumer(raw: RawEntry, problems: list[Problem], refs: list[Ref]) -> E
 def parse_function(raw: RawEntry, problems: list[Problem], refs: list[Ref]) -> EntrySpec:
     r = _reader(raw, problems, refs)
     spec = FunctionSpec(**_common(r, raw), **_lua_code(r, raw),
-                        timeout=r.duration("timeout"), memory_limit=r.size("memory_limit"))
+                        timeout=r.limit_duration("timeout"), memory_limit=r.limit_size("memory_limit"))
     r.finish()
     return spec
 
@@ -391,7 +394,7 @@ def parse_service(raw: RawEntry, problems: list[Problem], refs: list[Ref]) -> En
     r = _reader(raw, problems, refs)
     spec = ServiceSpec(**_common(r, raw),
                        process=r.ref("process", ("process.lua",), required=True) or "",
-                       host=r.text("host"), args=tuple(r.items("args")))
+                       host=r.text("host"), args=tuple(r.items("args", max_values=MAX_ARGS_VALUES)))
     r.finish()
     return spec
 

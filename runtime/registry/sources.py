@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -81,13 +82,35 @@ def find_definition_files(app_dir: Path) -> tuple[list[Path], list[Problem]]:
         roots, lock_problems = _lock_roots(lock)
         problems += lock_problems
     files: set[Path] = set()
+    inside = [app_dir.resolve(), *(r.resolve() for r in roots)]
     for root in roots:
         for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
             dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d not in _SKIP_DIRS)
             for fn in filenames:
                 if fn.endswith((".yaml", ".yml")) and not fn.startswith("."):
-                    files.add(Path(dirpath) / fn)
+                    path = Path(dirpath) / fn
+                    problem = _not_a_definition_file(path, inside)
+                    if problem:
+                        problems.append(Problem(display_path(path), 0, problem))
+                    else:
+                        files.add(path)
     return sorted(files), problems
+
+
+def _not_a_definition_file(path: Path, inside: list[Path]) -> str | None:
+    """Why `path` cannot be read as a definition file (None if it can): it must be a regular
+    file (a FIFO or device would block or never end) inside the application, symlinks
+    resolved first, as for `file://`."""
+    try:
+        target = path.resolve()
+        mode = target.stat().st_mode
+    except (OSError, RuntimeError) as exc:
+        return f"cannot read file: {getattr(exc, 'strerror', None) or exc}"
+    if not stat.S_ISREG(mode):
+        return "not a regular file (a FIFO, device or directory is not read as a definition file)"
+    if not any(target == d or d in target.parents for d in inside):
+        return "is a symlink to a file outside the application directory"
+    return None
 
 
 def _lock_roots(lock: Path) -> tuple[list[Path], list[Problem]]:
@@ -158,16 +181,19 @@ def read_definition_file(path: Path, app_dir: Path) -> tuple[list[RawEntry], lis
         if not isinstance(item, LineDict):
             problems.append(Problem(where, line, f"entry #{index + 1} must be a mapping with 'name' and 'kind'"))
             continue
-        data = sub.value(item, line)
+        label = _entry_label(namespace, index, item.get("name"))
+        sub.label = label
+        data = sub.entry(item, line)
+        sub.label = ""
         name, kind = data.get("name"), data.get("kind")
         bad = False
         for field, value in (("name", name), ("kind", kind)):
             if value is None:
-                problems.append(Problem(where, line, f"entry #{index + 1}: missing required field '{field}'"))
+                problems.append(Problem(where, line, f"{label}: missing required field '{field}'"))
                 bad = True
             elif not isinstance(value, str) or not value.strip():
                 problems.append(Problem(where, data.line_of(field),
-                                        f"entry #{index + 1}: '{field}' must be a non-empty string"))
+                                        f"{label}: '{field}' must be a non-empty string"))
                 bad = True
         if bad:
             continue
@@ -186,6 +212,15 @@ def read_definition_file(path: Path, app_dir: Path) -> tuple[list[RawEntry], lis
     return out, problems
 
 
+def _entry_label(namespace: str | None, index: int, name: Any) -> str:
+    """How a problem names its entry: by ID, or by position (and name) when there is no ID."""
+    if isinstance(name, str) and name.strip() and ":" not in name and "${" not in name and namespace:
+        return f"entry {namespace}:{name}"
+    if isinstance(name, str) and name.strip():
+        return f"entry #{index + 1} ('{name}')"
+    return f"entry #{index + 1}"
+
+
 class _Substituter:
     """Applies `${env:...}` and `file://` to every string value of a YAML tree."""
 
@@ -195,9 +230,24 @@ class _Substituter:
         self.where = where
         self.problems = problems
         self.seen: set[int] = set()  # YAML aliases share containers: visit each once
+        self.label = ""  # the entry being read, named in every problem
 
     def problem(self, line: int, message: str) -> None:
-        self.problems.append(Problem(self.where, line, message))
+        self.problems.append(Problem(self.where, line, f"{self.label}: {message}" if self.label else message))
+
+    def entry(self, item: LineDict, line: int) -> Any:
+        """An entry's mapping. Its `source` is Lua text (inline or `file://`): `${env:...}` is
+        never expanded there, so Lua code cannot read the host's environment."""
+        if id(item) in self.seen:
+            return item
+        self.seen.add(id(item))
+        for key in list(item):
+            value_line, block = item.value_lines.get(key, line), item.value_block.get(key, False)
+            if key == "source" and isinstance(item[key], str):
+                item[key] = self.string(item[key], value_line, block, expand_env=False)
+            else:
+                item[key] = self.value(item[key], value_line, block)
+        return item
 
     def value(self, v: Any, line: int, block: bool = False) -> Any:
         if isinstance(v, (LineDict, LineList)):
@@ -216,9 +266,9 @@ class _Substituter:
             return self.string(v, line, block)
         return v
 
-    def string(self, s: str, line: int, block: bool) -> Any:
+    def string(self, s: str, line: int, block: bool, expand_env: bool = True) -> Any:
         result: Any = s
-        if "${env:" in s:
+        if expand_env and "${env:" in s:
             result = self.env(s, line)
             if not isinstance(result, str) or isinstance(result, Unresolved):
                 return result
@@ -260,7 +310,11 @@ class _Substituter:
             self.problem(line, f"'file://{rel}' points outside the application directory")
             return ""
         try:
-            raw = target.read_bytes() if target.stat().st_size <= MAX_INCLUDE_BYTES else None
+            info = target.stat()
+            if not stat.S_ISREG(info.st_mode):
+                self.problem(line, f"'file://{rel}' is not a regular file")
+                return ""
+            raw = target.read_bytes() if info.st_size <= MAX_INCLUDE_BYTES else None
         except OSError as exc:
             self.problem(line, f"cannot read 'file://{rel}': {exc.strerror or exc}")
             return ""
@@ -270,6 +324,7 @@ class _Substituter:
         try:
             text = decode_text(raw)
         except YamlProblem as exc:
-            self.problems.append(Problem(display_path(target), exc.line, exc.message))
+            message = f"{self.label}: {exc.message}" if self.label else exc.message
+            self.problems.append(Problem(display_path(target), exc.line, message))
             return ""
         return SourceText(text, target, 1, inline=False)

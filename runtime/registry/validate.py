@@ -94,3 +94,20 @@ def check_cycles(entries: dict[str, EntrySpec], graph: dict[str, tuple[str, ...]
         first = entries[cycle[0]]
         problems.append(Problem(first.file, first.line, "dependency cycle: " + " -> ".join(cycle)))
     return problems
+
+
+def check_queue_names(entries: dict[str, EntrySpec]) -> list[Problem]:
+    """Two queue entries with one `queue_name` on one driver would be one queue under two IDs
+    (a policy on one ID would not hold for the other): a configuration error naming both."""
+    problems = []
+    first: dict[tuple[str, str], QueueSpec] = {}
+    for spec in entries.values():
+        if not isinstance(spec, QueueSpec) or not spec.driver:
+            continue
+        key = (spec.driver, spec.queue_name)
+        other = first.setdefault(key, spec)
+        if other is not spec:
+            problems.append(Problem(spec.file, spec.line, f"entry {spec.id}: queue_name '{spec.queue_name}' on driver "
+                                    f"{spec.driver} is already used by {other.id} ({other.file}:{other.line}); "
+                                    "two entries would share one queue"))
+    return problems
