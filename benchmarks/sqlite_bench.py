@@ -319,8 +319,8 @@ def main() -> int:
         for c in (1, 2, 4):
             m["consume"][c] = {"ours": in_subprocess("ours_consume", sync=sync, n=args.n, threads=c),
                                "huey": in_subprocess("huey_consume", sync=sync, n=args.n, threads=c)}
-        m["end_to_end"][2] = {"ours": in_subprocess("ours_end_to_end", sync=sync, n=args.n, threads=2),
-                              "huey": in_subprocess("huey_end_to_end", sync=sync, n=args.n, threads=2)}
+            m["end_to_end"][c] = {"ours": in_subprocess("ours_end_to_end", sync=sync, n=args.n, threads=c),
+                                  "huey": in_subprocess("huey_end_to_end", sync=sync, n=args.n, threads=c)}
         m["backlog"] = {"ours": in_subprocess("ours_consume", sync=sync, n=args.n, threads=1, backlog=args.backlog),
                         "huey": in_subprocess("huey_consume", sync=sync, n=args.n, threads=1, backlog=args.backlog)}
         m["publish"][4] = {"ours": in_subprocess("ours_publish", sync=sync, n=args.n, threads=4),
