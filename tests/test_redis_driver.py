@@ -360,3 +360,47 @@ def test_connection_errors_surface_promptly_and_the_driver_reconnects(server: Re
         assert "3" in ids(back)
     finally:
         d.close()
+
+
+def test_a_hung_server_surfaces_after_the_read_timeout_not_after_silent_retries(server: RedisServer) -> None:
+    """A server that stops answering (SIGSTOP) without closing the socket: the fetch's
+    blocking read is kept below the socket timeout, so the hang is a DriverUnavailable after
+    about read_timeout (redis-py's own retries would hide it for many seconds)."""
+    d = RedisDriver("x:r", {"url": server.url, "read_timeout": 1.0, "write_timeout": 1.0, "dial_timeout": 0.5})
+    d.open()
+    assert server.proc is not None
+    try:
+        d.declare("q", {})
+        c = d.consume("q", "c", 10)
+        assert c.fetch(10, 0.01) == []
+        server.proc.send_signal(signal.SIGSTOP)
+        try:
+            t0 = time.monotonic()
+            with pytest.raises(DriverUnavailable, match="Timeout"):
+                c.fetch(10, 5.0)
+            assert time.monotonic() - t0 < 2.5
+        finally:
+            server.proc.send_signal(signal.SIGCONT)
+        import threading
+        assert d.reconnect(threading.Event()) is True
+        d.publish("q", [msg("back")])
+        assert ids(c.fetch(10, 2.0)) == ["back"]
+    finally:
+        d.close()
+
+
+def test_scripts_lost_by_the_server_are_loaded_again(server: RedisServer) -> None:
+    d = RedisDriver("x:r", {"url": server.url})
+    d.open()
+    try:
+        d.declare("q", {})
+        d.publish("q", [msg(1), msg(2)])
+        c = d.consume("q", "c", 10)
+        first = c.fetch(1, 1.0)
+        assert c.ack(first[0])
+        with server.client() as r:
+            r.script_flush()
+        assert ids(c.fetch(10, 1.0)) == ["2"]  # the ack and the take in one batch, run again after loading
+        assert d.stats("q") == QueueStats(0, 1, 0)
+    finally:
+        d.close()

@@ -237,3 +237,47 @@ def test_threads_are_closed(server: RedisServer) -> None:
     d.consume("q", "c", 1).close()
     d.close()
     assert set(threading.enumerate()) - before == set()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_soak_server_restarts_and_kill9s_while_two_processes_consume(tmp_path: Path, server: RedisServer) -> None:
+    """10,000 messages, two `runtime run` processes; the server is stopped and started again
+    three times and one process is killed with SIGKILL (and started again) twice, all
+    mid-stream. Then one run to idle: every message handled at least once, none dead-lettered,
+    and nothing left in the stream, the pending lists or the sorted set."""
+    total = 10_000
+    root = make_app(tmp_path / "app", server, min_idle="2s", concurrency=2, prefetch=16)
+    publish(server, [{"n": i, "sleep": 0.001} for i in range(total)])
+    procs = [runtime(root), runtime(root)]
+    try:
+        for step, target in enumerate((1500, 3000, 4500, 6000, 7500)):
+            wait_until(lambda t=target: done_count(server) >= t, 90, f"{target} done")
+            if step % 2 == 0:
+                server.stop()
+                time.sleep(0.5)  # down for a while
+                server.start()
+            else:
+                victim = procs.pop(0)
+                os.kill(victim.pid, signal.SIGKILL)
+                victim.communicate(timeout=10)
+                procs.append(runtime(root))
+        final = runtime(root, "--until-idle")
+        out, err = final.communicate(timeout=120)
+        assert final.returncode == 0, err
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.communicate(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.communicate(timeout=10)
+    wait_until(lambda: done_count(server) >= total, 60, "all done")
+    counts = Counter(r["n"] for r in done(server))
+    assert set(counts) == set(range(total)), f"lost: {sorted(set(range(total)) - set(counts))[:10]}"
+    assert done(server, "dead") == []
+    with server.client() as r:
+        assert r.xpending("runtime:jobs", "runtime")["pending"] == 0
+        assert r.xlen("runtime:jobs") == 0 and r.zcard("runtime:jobs:delayed") == 0

@@ -589,11 +589,27 @@ class RedisDriver(Driver):
         except IndexError:
             return by_queue
 
-    def _ack_calls(self, pipe: Any, acks: dict[str, list[bytes]]) -> None:
-        script = self._scripts["ack"]
-        for q, ids in acks.items():
-            for i in range(0, len(ids), MAX_BATCH):
-                script(keys=[self.stream(q)], args=[self.group, *ids[i:i + MAX_BATCH]], client=pipe)
+    def _ack_calls(self, acks: dict[str, list[bytes]]) -> list[tuple[str, list[Any], list[Any]]]:
+        return [("ack", [self.stream(q)], [self.group, *ids[i:i + MAX_BATCH]])
+                for q, ids in acks.items() for i in range(0, len(ids), MAX_BATCH)]
+
+    def _pipeline(self, client: redis.Redis, calls: list[tuple[str, list[Any], list[Any]]]) -> list[Any]:
+        """Run scripts in one round trip by their sha (redis-py's own script pipelining asks
+        SCRIPT EXISTS first, a second round trip each time); a server that lost its scripts
+        (a restart) gets them loaded again and the whole batch once more (every script here
+        may run twice: acks of gone entries do nothing)."""
+        for attempt in (0, 1):
+            pipe = client.pipeline(transaction=False)
+            for name, keys, args in calls:
+                pipe.evalsha(self._scripts[name].sha, len(keys), *keys, *args)
+            try:
+                return pipe.execute()  # type: ignore[no-any-return]
+            except redis.exceptions.NoScriptError:
+                if attempt:
+                    raise
+                for script in self._scripts.values():
+                    client.script_load(script.script)
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def _requeue_acks(self, acks: dict[str, list[bytes]]) -> None:
         self._acks.extendleft((q, eid) for q, ids in reversed(list(acks.items())) for eid in reversed(ids))
@@ -606,9 +622,7 @@ class RedisDriver(Driver):
             if not acks:
                 return
             try:
-                pipe = client.pipeline(transaction=False)
-                self._ack_calls(pipe, acks)
-                pipe.execute()
+                self._pipeline(client, self._ack_calls(acks))
             except BaseException:
                 self._requeue_acks(acks)
                 raise
@@ -714,13 +728,10 @@ class RedisConsumer(DriverConsumer):
         while True:
             acks = d._take_acks() if d._acks else {}
             now_ms = int(time.time() * 1000)
-            pipe = client.pipeline(transaction=False)
+            calls = d._ack_calls(acks) if acks else []
+            calls.append(("take", [self._stream, self._delayed], [d.group, self.name, n, now_ms, MOVE_BATCH, RELEASED]))
             try:
-                if acks:
-                    d._ack_calls(pipe, acks)
-                d._scripts["take"](keys=[self._stream, self._delayed],
-                                   args=[d.group, self.name, n, now_ms, MOVE_BATCH, RELEASED], client=pipe)
-                result = pipe.execute()
+                result = d._pipeline(client, calls)
             except BaseException:
                 if acks:
                     d._requeue_acks(acks)
