@@ -153,14 +153,16 @@ def handler_source(bodies: list[str]) -> str:
     return "\n".join(lines)
 
 
-def app_yaml(consumers: dict[str, str], concurrency: int = 1, dlq_consumer: bool = False) -> str:
-    """Queues q_<name> (dead letters to dlq after one attempt), functions f_<name> (source
+def app_yaml(consumers: dict[str, str], concurrency: int = 1, dlq_consumer: bool = False,
+             max_attempts: int = 1) -> str:
+    """Queues q_<name> (dead letters to dlq after `max_attempts`), functions f_<name> (source
     file f_<name>.lua) with the limits given, and consumers c_<name>."""
     out = ["namespace: t", "entries:",
            "  - {name: d, kind: queue.driver.memory, lifecycle: {auto_start: true}}",
            "  - {name: dlq, kind: queue.queue, driver: d}"]
     for name, limits in consumers.items():
-        out += [f"  - {{name: q_{name}, kind: queue.queue, driver: d, dead_letter: {{queue: dlq, max_attempts: 1}}}}",
+        out += [f"  - {{name: q_{name}, kind: queue.queue, driver: d, "
+                f"dead_letter: {{queue: dlq, max_attempts: {max_attempts}}}}}",
                 f"  - {{name: f_{name}, kind: function.lua, source: file://f_{name}.lua, "
                 f"modules: [json, logger, queue, time]{', ' + limits if limits else ''}}}",
                 f"  - {{name: c_{name}, kind: queue.consumer, queue: q_{name}, func: f_{name}, "
