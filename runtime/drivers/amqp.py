@@ -453,9 +453,14 @@ class AmqpConsumer(DriverConsumer):
             sub = _Subscription(link)
             o = self.options
             tag = f"{o.get('consumer_tag') or self.consumer_id}-{os.urandom(4).hex()}"
+            starting: list[Any] = []
 
             def on_close(ch: Any, reason: BaseException) -> None:
                 sub.alive = False
+                for fut in starting:
+                    if not fut.done():
+                        fut.set_exception(ChannelRefused(getattr(reason, "reply_code", 0),
+                                                         getattr(reason, "reply_text", str(reason))))
                 with sub.cond:
                     sub.buffer.clear()
                     sub.cond.notify_all()
@@ -466,6 +471,16 @@ class AmqpConsumer(DriverConsumer):
             ch = link.open_channel(on_close)
             sub.ch = ch
 
+            def on_cancel(_frame: Any) -> None:  # the broker cancelled it (e.g. the queue was deleted)
+                log.warning("consumer %s: the broker cancelled its subscription to queue %s; subscribing again",
+                            self.consumer_id, self.queue)
+                sub.alive = False
+                with sub.cond:
+                    sub.cond.notify_all()
+                if ch.is_open:
+                    ch.close()  # its unacked deliveries go back to the queue
+            ch.add_on_cancel_callback(on_cancel)
+
             def on_message(_ch: Any, method: Any, props: Any, body: bytes) -> None:
                 sub.buffer.append((method.delivery_tag, props, body))
                 if sub.waiting:
@@ -473,6 +488,8 @@ class AmqpConsumer(DriverConsumer):
                         sub.cond.notify()
 
             def start(fut: Any) -> None:
+                starting.append(fut)
+
                 def consume(_frame: Any) -> None:
                     sub.tag = ch.basic_consume(self.queue, on_message, auto_ack=False,
                                                exclusive=bool(o.get("exclusive")), consumer_tag=tag,
@@ -482,6 +499,9 @@ class AmqpConsumer(DriverConsumer):
                 ch.basic_qos(prefetch_count=min(65535, max(1, self.prefetch)), callback=consume)
             try:
                 link.call(start, REQUEST_TIMEOUT)
+            except ChannelRefused as exc:
+                raise DriverError(f"consumer {self.consumer_id}: the broker refused to let it consume from queue "
+                                  f"'{self.queue}': {exc}") from None
             except AmqpUnavailable:
                 if link.alive and not sub.alive:
                     raise DriverError(f"consumer {self.consumer_id}: cannot consume from queue '{self.queue}' "
@@ -524,9 +544,9 @@ class AmqpConsumer(DriverConsumer):
                 finally:
                     sub.waiting -= 1
         if not buf:
-            if not sub.alive:
+            if not sub.alive and not sub.link.alive:
                 raise AmqpUnavailable("the connection was lost")
-            return []
+            return []  # a channel closed or cancelled by the broker: the next fetch subscribes again
         out: list[Delivery] = []
         gen, queue, quorum = sub.generation, self.queue, self.quorum
         from_amqp = wire.from_amqp
@@ -662,9 +682,13 @@ class AmqpConsumer(DriverConsumer):
         self.driver._forget(self)
         if sub is None or not sub.alive:
             return
+        def cancel(fut: Any) -> None:
+            if sub.ch.is_open and sub.tag in sub.ch.consumer_tags:
+                sub.ch.basic_cancel(sub.tag, callback=lambda _f: fut.done() or fut.set_result(True))
+            else:
+                fut.set_result(False)
         try:
-            sub.link.call(lambda fut: sub.ch.basic_cancel(sub.tag, callback=lambda _f: fut.set_result(True)),
-                          REQUEST_TIMEOUT)
+            sub.link.call(cancel, REQUEST_TIMEOUT)
         except Exception:  # noqa: BLE001 - closing the channel below cancels it too
             pass
         left = []
