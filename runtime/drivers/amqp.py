@@ -59,7 +59,8 @@ FULL_RETRY = 0.05  # seconds between tries of a publish the broker refused becau
 DELAY_STEP = 1.1  # delays round up to the next power of 1.1 ms (within 10%)
 DELAY_GRACE = 1.0  # a delayed message counts as delayed this long after it is due (dead-letter hop)
 MAX_BATCH = 10000
-ACK_LINGER = 0.001  # seconds an ack may wait for others to go with it
+ACK_LINGER = 0.001
+FETCH_LINGER = 0.003  # seconds a fetch that had to wait gives the rest of a burst to arrive  # seconds an ack may wait for others to go with it
 
 
 class AmqPlainCredentials(pika.credentials.PlainCredentials):
@@ -542,6 +543,13 @@ class AmqpConsumer(DriverConsumer):
                         if remaining <= 0:
                             break
                         sub.cond.wait(remaining)
+                    if buf:  # the broker pushes one by one: let the rest of a burst join this fetch
+                        until = time.monotonic() + FETCH_LINGER
+                        while len(buf) < max_count and sub.alive:
+                            remaining = until - time.monotonic()
+                            if remaining <= 0:
+                                break
+                            sub.cond.wait(remaining)
                 finally:
                     sub.waiting -= 1
         if not buf:
@@ -676,7 +684,9 @@ class AmqpConsumer(DriverConsumer):
         if self.quorum:  # a nack would count an attempt: republish with the attempt it had, then ack
             try:
                 self.driver.send(self.queue, [(d.message, d.attempt) for d, _ in live], REQUEST_TIMEOUT, force=True)
-            except Exception:  # noqa: BLE001 - requeued instead (the broker then counts one more attempt)
+            except Exception as exc:  # noqa: BLE001 - requeued instead (the broker then counts one more attempt)
+                log.warning("consumer %s: could not return %d message(s) uncounted (%s); requeued", self.consumer_id,
+                            len(live), self.driver.mask(str(exc)))
                 for d, sub in live:
                     self._settle_tag(sub, _REQUEUE, d.token[1])
                 return
