@@ -59,8 +59,8 @@ FULL_RETRY = 0.05  # seconds between tries of a publish the broker refused becau
 DELAY_STEP = 1.1  # delays round up to the next power of 1.1 ms (within 10%)
 DELAY_GRACE = 1.0  # a delayed message counts as delayed this long after it is due (dead-letter hop)
 MAX_BATCH = 10000
-ACK_LINGER = 0.001
-FETCH_LINGER = 0.003  # seconds a fetch that had to wait gives the rest of a burst to arrive  # seconds an ack may wait for others to go with it
+ACK_LINGER = 0.001  # seconds an ack may wait for others to go with it
+FETCH_LINGER = 0.003  # seconds a fetch that had to wait gives the rest of a burst to arrive
 
 
 class AmqPlainCredentials(pika.credentials.PlainCredentials):
