@@ -36,8 +36,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 URL = os.environ.get("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
-PREFETCH = 64
-WORKERS = 4
+PREFETCH = int(os.environ.get("BENCH_PREFETCH", "64"))
+WORKERS = int(os.environ.get("BENCH_WORKERS", "4"))
 PUBLISHERS = 8
 BODY = {"id": 1, "numbers": [1, 2, 3, 4, 5, 6, 7, 8, 9, 10], "text": "hello"}
 

@@ -59,6 +59,8 @@ FULL_RETRY = 0.05  # seconds between tries of a publish the broker refused becau
 DELAY_STEP = 1.1  # delays round up to the next power of 1.1 ms (within 10%)
 DELAY_GRACE = 1.0  # a delayed message counts as delayed this long after it is due (dead-letter hop)
 MAX_BATCH = 10000
+ACK_LINGER = 0.001  # seconds an ack may wait for others to go with it
+FETCH_LINGER = 0.003  # seconds a fetch that had to wait gives the rest of a burst to arrive
 
 
 class AmqPlainCredentials(pika.credentials.PlainCredentials):
@@ -453,9 +455,14 @@ class AmqpConsumer(DriverConsumer):
             sub = _Subscription(link)
             o = self.options
             tag = f"{o.get('consumer_tag') or self.consumer_id}-{os.urandom(4).hex()}"
+            starting: list[Any] = []
 
             def on_close(ch: Any, reason: BaseException) -> None:
                 sub.alive = False
+                for fut in starting:
+                    if not fut.done():
+                        fut.set_exception(ChannelRefused(getattr(reason, "reply_code", 0),
+                                                         getattr(reason, "reply_text", str(reason))))
                 with sub.cond:
                     sub.buffer.clear()
                     sub.cond.notify_all()
@@ -466,6 +473,16 @@ class AmqpConsumer(DriverConsumer):
             ch = link.open_channel(on_close)
             sub.ch = ch
 
+            def on_cancel(_frame: Any) -> None:  # the broker cancelled it (e.g. the queue was deleted)
+                log.warning("consumer %s: the broker cancelled its subscription to queue %s; subscribing again",
+                            self.consumer_id, self.queue)
+                sub.alive = False
+                with sub.cond:
+                    sub.cond.notify_all()
+                if ch.is_open:
+                    ch.close()  # its unacked deliveries go back to the queue
+            ch.add_on_cancel_callback(on_cancel)
+
             def on_message(_ch: Any, method: Any, props: Any, body: bytes) -> None:
                 sub.buffer.append((method.delivery_tag, props, body))
                 if sub.waiting:
@@ -473,6 +490,8 @@ class AmqpConsumer(DriverConsumer):
                         sub.cond.notify()
 
             def start(fut: Any) -> None:
+                starting.append(fut)
+
                 def consume(_frame: Any) -> None:
                     sub.tag = ch.basic_consume(self.queue, on_message, auto_ack=False,
                                                exclusive=bool(o.get("exclusive")), consumer_tag=tag,
@@ -482,6 +501,9 @@ class AmqpConsumer(DriverConsumer):
                 ch.basic_qos(prefetch_count=min(65535, max(1, self.prefetch)), callback=consume)
             try:
                 link.call(start, REQUEST_TIMEOUT)
+            except ChannelRefused as exc:
+                raise DriverError(f"consumer {self.consumer_id}: the broker refused to let it consume from queue "
+                                  f"'{self.queue}': {exc}") from None
             except AmqpUnavailable:
                 if link.alive and not sub.alive:
                     raise DriverError(f"consumer {self.consumer_id}: cannot consume from queue '{self.queue}' "
@@ -521,12 +543,19 @@ class AmqpConsumer(DriverConsumer):
                         if remaining <= 0:
                             break
                         sub.cond.wait(remaining)
+                    if buf:  # the broker pushes one by one: let the rest of a burst join this fetch
+                        until = time.monotonic() + FETCH_LINGER
+                        while len(buf) < max_count and sub.alive:
+                            remaining = until - time.monotonic()
+                            if remaining <= 0:
+                                break
+                            sub.cond.wait(remaining)
                 finally:
                     sub.waiting -= 1
         if not buf:
-            if not sub.alive:
+            if not sub.alive and not sub.link.alive:
                 raise AmqpUnavailable("the connection was lost")
-            return []
+            return []  # a channel closed or cancelled by the broker: the next fetch subscribes again
         out: list[Delivery] = []
         gen, queue, quorum = sub.generation, self.queue, self.quorum
         from_amqp = wire.from_amqp
@@ -584,9 +613,17 @@ class AmqpConsumer(DriverConsumer):
         if not sub.scheduled:
             sub.scheduled = True
             try:
-                sub.link.post(lambda: self._flush(sub))
+                sub.link.post(lambda: self._linger(sub))
             except AmqpUnavailable:
                 sub.scheduled = False
+
+    def _linger(self, sub: _Subscription) -> None:
+        """On the link thread: settles that come within ACK_LINGER go out together (fewer
+        wake-ups of this thread, more multiple acks); at once when many are waiting."""
+        if len(sub.settles) >= max(2, self.prefetch // 4) or not sub.alive:
+            self._flush(sub)
+        else:
+            sub.link.conn.ioloop.call_later(ACK_LINGER, lambda: self._flush(sub))
 
     def _flush(self, sub: _Subscription) -> None:
         """On the link thread: send the queued acks and nacks."""
@@ -647,7 +684,9 @@ class AmqpConsumer(DriverConsumer):
         if self.quorum:  # a nack would count an attempt: republish with the attempt it had, then ack
             try:
                 self.driver.send(self.queue, [(d.message, d.attempt) for d, _ in live], REQUEST_TIMEOUT, force=True)
-            except Exception:  # noqa: BLE001 - requeued instead (the broker then counts one more attempt)
+            except Exception as exc:  # noqa: BLE001 - requeued instead (the broker then counts one more attempt)
+                log.warning("consumer %s: could not return %d message(s) uncounted (%s); requeued", self.consumer_id,
+                            len(live), self.driver.mask(str(exc)))
                 for d, sub in live:
                     self._settle_tag(sub, _REQUEUE, d.token[1])
                 return
@@ -662,9 +701,13 @@ class AmqpConsumer(DriverConsumer):
         self.driver._forget(self)
         if sub is None or not sub.alive:
             return
+        def cancel(fut: Any) -> None:
+            if sub.ch.is_open and sub.tag in sub.ch.consumer_tags:
+                sub.ch.basic_cancel(sub.tag, callback=lambda _f: fut.done() or fut.set_result(True))
+            else:
+                fut.set_result(False)
         try:
-            sub.link.call(lambda fut: sub.ch.basic_cancel(sub.tag, callback=lambda _f: fut.set_result(True)),
-                          REQUEST_TIMEOUT)
+            sub.link.call(cancel, REQUEST_TIMEOUT)
         except Exception:  # noqa: BLE001 - closing the channel below cancels it too
             pass
         left = []
