@@ -94,6 +94,9 @@ class ConsumerPool:
         self.reconnecting = False
         self.timed = False  # measure handler durations (for --metrics); off: no clock reads per message
         self._counted = False  # this pool is in its queue's consumer_count
+        # Deliveries past this attempt are dead-lettered without running (see _process).
+        dl = queue.spec.dead_letter
+        self._max_attempts = dl.max_attempts if dl and dead_letter and not spec.auto_ack else float("inf")
 
     # -- start -------------------------------------------------------------------------------
     def start(self) -> None:
@@ -205,8 +208,7 @@ class ConsumerPool:
     def _process(self, w: _Worker, d: Delivery) -> None:
         handler = w.handler
         assert handler is not None and self.source is not None
-        dl = self.queue.spec.dead_letter
-        if dl is not None and self.dead_letter is not None and d.attempt > dl.max_attempts and not self.spec.auto_ack:
+        if d.attempt > self._max_attempts:
             # Delivered more often than allowed without a result: its worker stopped or crashed
             # each time (the driver counts deliveries lost to crashes). Not run again.
             self._fail(w, d, f"delivered {d.attempt} times without a result (its worker stopped each time)")
