@@ -66,8 +66,6 @@ MOVE_BATCH = 500  # due delayed members moved per fetch
 CANCEL_POLL = 0.05  # seconds between looks at a waiting publisher's cancel flag and the queue length
 MAX_BLOCK = 1.0  # seconds: the longest single blocking read (released entries are seen at least this often)
 OVER_LIMIT_WARNING = 60.0
-ERROR_PAUSE = 0.2
-FLUSH_LINGER = 0.001
 
 _serial = itertools.count()  # makes every delivery's token unique (a released entry is taken again)
 _pack = msgpack.packb
@@ -442,46 +440,20 @@ class RedisDriver(Driver):
 
     # -- the background thread: acks, lease renewal -------------------------------------------
     def _background(self) -> None:
-        stop, wake = self._bg_stop, self._bg_wake
-        interval = self.claim_min_idle / 4
-        next_renewal = time.monotonic() + interval
-        failing = False
-        while not stop.is_set():
-            if wake.wait(max(0.0, next_renewal - time.monotonic())) and not stop.is_set():
-                wake.clear()
-                if len(self._acks) < 64:
-                    stop.wait(FLUSH_LINGER)
-                try:
-                    client = self._client
-                    if client is not None:
-                        self._flush_acks(client)
-                    if failing:
-                        failing = False
-                        log.info("driver %s: pending acks written", self.entry_id)
-                except Exception as exc:  # noqa: BLE001 - kept pending, tried again shortly
-                    if not failing:
-                        failing = True
-                        log.warning("driver %s: cannot write acks yet (%s); retrying", self.entry_id,
-                                    self.describe_error(exc))
-                    if stop.wait(ERROR_PAUSE):
-                        break
-                    wake.set()
-            if time.monotonic() >= next_renewal:
-                next_renewal = time.monotonic() + interval
-                self._renew_all()
+        """Writes queued acks soon after they come; renews every in-flight entry."""
 
-    def _renew_all(self) -> None:
-        with self._cond:
-            consumers = list(self._consumers)
-        for c in consumers:
-            live = c.deliveries()
-            if not live or c.closed:
-                continue
-            try:
-                c._extend(live, self.claim_min_idle)
-            except Exception as exc:  # noqa: BLE001 - tried again next round
-                log.warning("driver %s: cannot renew %d lease(s) of consumer %s: %s", self.entry_id, len(live),
-                            c.consumer_id, self.describe_error(exc))
+        def flush() -> None:
+            client = self._client
+            if client is not None:
+                self._flush_acks(client)
+
+        def consumers() -> list[DriverConsumer]:
+            with self._cond:
+                return list(self._consumers)
+
+        self.settle_and_renew(self._bg_stop, self._bg_wake, flush=flush, pending=lambda: len(self._acks),
+                              consumers=consumers, renew=lambda c, live: c._extend(live, self.claim_min_idle),
+                              renew_every=self.claim_min_idle / 4, what="acks")
 
 
 def _pid_alive(pid: int) -> bool:

@@ -53,8 +53,6 @@ from .sqlite_schema import DELAYED, READY, TAKEN, SchemaError, SqliteUnavailable
 
 DEFAULT_PATH = ".runtime/queues.sqlite3"
 CANCEL_POLL = 0.05  # seconds between looks at a publisher's cancel flag while it waits for room
-FLUSH_LINGER = 0.001  # the background writer waits this long for more settles to join a commit
-ERROR_PAUSE = 0.2  # seconds before the background writer tries again after an engine error
 MAX_CLAIM = 1000
 MIN_SQLITE = (3, 35, 0)
 COMMIT_WAIT = 1.0  # seconds: a publisher's longest wait for a commit under way (it is woken at its end)
@@ -449,45 +447,23 @@ class SqliteDriver(Driver):
 
     # -- the background thread: group commit of settles, lease renewal ------------------------
     def _background(self) -> None:
-        stop, wake = self._bg_stop, self._bg_wake
-        interval = self.visibility_timeout / 3
-        next_renewal = time.monotonic() + interval
-        failing = False
-        while not stop.is_set():
-            if wake.wait(max(0.0, next_renewal - time.monotonic())) and not stop.is_set():
-                wake.clear()
-                if FLUSH_LINGER and len(self._settles) < 64:
-                    stop.wait(FLUSH_LINGER)
-                try:
-                    with self._lock:
-                        if self._conn is not None:
-                            self._flush_locked()
-                    if failing:
-                        failing = False
-                        log.info("driver %s: pending settles written", self.entry_id)
-                except Exception as exc:  # noqa: BLE001 - kept pending, tried again shortly
-                    if not failing:
-                        failing = True
-                        log.warning("driver %s: cannot write settles yet (%s); retrying", self.entry_id, exc)
-                    if stop.wait(ERROR_PAUSE):
-                        break
-                    wake.set()
-            if time.monotonic() >= next_renewal:
-                next_renewal = time.monotonic() + interval
-                self._renew_all()
+        """Writes queued settles soon after they come (a group commit); renews every lease."""
 
-    def _renew_all(self) -> None:
-        with self._cond:
-            consumers = list(self._consumers)
-        for c in consumers:
-            live = c.deliveries()
-            if not live or c.closed:
-                continue
-            try:
-                self._extend_leases(c, live, self.visibility_timeout)
-            except Exception as exc:  # noqa: BLE001 - tried again next round
-                log.warning("driver %s: cannot renew %d lease(s) of consumer %s: %s", self.entry_id, len(live),
-                            c.consumer_id, exc)
+        def flush() -> None:
+            with self._lock:
+                if self._conn is not None:
+                    self._flush_locked()
+
+        def consumers() -> list[DriverConsumer]:
+            with self._cond:
+                return list(self._consumers)
+
+        def renew(c: DriverConsumer, live: list[Delivery]) -> None:
+            assert isinstance(c, SqliteConsumer)
+            self._extend_leases(c, live, self.visibility_timeout)
+
+        self.settle_and_renew(self._bg_stop, self._bg_wake, flush=flush, pending=lambda: len(self._settles),
+                              consumers=consumers, renew=renew, renew_every=self.visibility_timeout / 3)
 
 
 class SqliteConsumer(DriverConsumer):

@@ -39,6 +39,7 @@ from __future__ import annotations
 import logging
 import random
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +49,8 @@ from ..errors import DriverUnavailable, RuntimeHostError
 from .message import Message
 
 log = logging.getLogger("runtime.driver")
+FLUSH_LINGER = 0.001  # seconds a background write waits for more settles to join it
+ERROR_PAUSE = 0.2  # seconds before a background write is tried again after an engine error
 T = TypeVar("T")
 
 
@@ -244,6 +247,47 @@ class Driver:
                 log.info("driver %s: connection is back", self.entry_id)
                 return True
         return False  # pragma: no cover - delays() never ends
+
+    # -- a helper thread for drivers that batch settles and hold leases --------------------
+    def settle_and_renew(self, stop: threading.Event, wake: threading.Event, *, flush: Callable[[], None],
+                         pending: Callable[[], int], consumers: Callable[[], Iterable[DriverConsumer]],
+                         renew: Callable[[DriverConsumer, list[Delivery]], None], renew_every: float,
+                         what: str = "settles") -> None:
+        """The loop of a driver's background thread, until `stop`: soon after `wake` is set,
+        write what is queued (`flush`; what arrives meanwhile joins the same write, a group
+        commit), keeping it queued and retrying while the engine refuses; and every
+        `renew_every` seconds renew the lease of every in-flight delivery of `consumers()`."""
+        next_renewal = time.monotonic() + renew_every
+        failing = False
+        while not stop.is_set():
+            if wake.wait(max(0.0, next_renewal - time.monotonic())) and not stop.is_set():
+                wake.clear()
+                if pending() < 64:
+                    stop.wait(FLUSH_LINGER)
+                try:
+                    flush()
+                    if failing:
+                        failing = False
+                        log.info("driver %s: pending %s written", self.entry_id, what)
+                except Exception as exc:  # noqa: BLE001 - kept queued, tried again shortly
+                    if not failing:
+                        failing = True
+                        log.warning("driver %s: cannot write %s yet (%s); retrying", self.entry_id, what,
+                                    self.describe_error(exc))
+                    if stop.wait(ERROR_PAUSE):
+                        break
+                    wake.set()
+            if time.monotonic() >= next_renewal:
+                next_renewal = time.monotonic() + renew_every
+                for c in list(consumers()):
+                    live = c.deliveries()
+                    if not live or c.closed:
+                        continue
+                    try:
+                        renew(c, live)
+                    except Exception as exc:  # noqa: BLE001 - tried again next round
+                        log.warning("driver %s: cannot renew %d lease(s) of consumer %s: %s", self.entry_id,
+                                    len(live), c.consumer_id, self.describe_error(exc))
 
     # -- primitives ---------------------------------------------------------------------------
     def _open(self) -> None:
