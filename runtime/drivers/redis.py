@@ -601,14 +601,8 @@ class RedisConsumer(DriverConsumer):
             lost += dr._scripts["renew"](keys=[self._stream], args=[dr.group, self.name, *ids[i:i + MAX_BATCH]])
         if lost:
             gone_ids = set(lost)
-            with self._lock:
-                gone = [dl for dl in list(self._in_flight.values()) if dl.token[0] in gone_ids]
-                for dl in gone:
-                    self._in_flight.pop(dl.token, None)
-            if gone:
-                log.warning("consumer %s: lost %d message(s) of %s to another consumer (held past claim_min_idle "
-                            "without renewal); they may be delivered again: %s", self.consumer_id, len(gone),
-                            self.queue, ", ".join(dl.message.id for dl in gone[:5]))
+            self.lost([dl for dl in self.deliveries() if dl.token[0] in gone_ids],
+                      "taken by another consumer: held past claim_min_idle without renewal")
 
     def _close(self) -> None:
         d = self.driver

@@ -443,7 +443,7 @@ class SqliteDriver(Driver):
 
         lost = self._write(extend)
         if lost:
-            consumer._lost_leases(lost)
+            consumer.lost(lost, "lease held past visibility_timeout without renewal")
 
     # -- the background thread: group commit of settles, lease renewal ------------------------
     def _background(self) -> None:
@@ -502,14 +502,6 @@ class SqliteConsumer(DriverConsumer):
 
     def _extend(self, deliveries: list[Delivery], seconds: float) -> None:
         self.driver._extend_leases(self, deliveries, seconds)
-
-    def _lost_leases(self, lost: list[Delivery]) -> None:
-        with self._lock:
-            gone = [d for d in lost if self._in_flight.pop(d.token, None) is not None]
-        if gone:
-            log.warning("consumer %s: lost the lease of %d message(s) of %s (held past visibility_timeout "
-                        "without renewal); they may be delivered again: %s", self.consumer_id, len(gone),
-                        self.queue, ", ".join(d.message.id for d in gone[:5]))
 
     def _close(self) -> None:
         d = self.driver

@@ -375,6 +375,15 @@ class DriverConsumer:
             self.driver.activity.bump()
         return len(mine)
 
+    def lost(self, deliveries: Iterable[Delivery], why: str) -> None:
+        """Deliveries whose lease another consumer has taken: out of the in-flight map (so
+        their late settle is refused), and said once in the log."""
+        with self._lock:
+            gone = [d for d in deliveries if self._in_flight.pop(d.token, None) is not None]
+        if gone:
+            log.warning("consumer %s: lost %d message(s) of %s (%s); they may be delivered again: %s",
+                        self.consumer_id, len(gone), self.queue, why, ", ".join(d.message.id for d in gone[:5]))
+
     def extend(self, deliveries: Iterable[Delivery], seconds: float) -> None:
         live = [d for d in deliveries if d.token in self._in_flight]
         if live:
