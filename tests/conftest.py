@@ -106,15 +106,22 @@ def drain(app: App, queue_id: str) -> list[tuple[Any, Any]]:
         consumer.close()
 
 
-def wait_for(predicate: Callable[[], bool], timeout: float) -> bool:
-    """Wait until predicate() is true (checked every 5 ms); False if `timeout` runs out."""
+def wait_for(predicate: Callable[[], bool], timeout: float, every: float = 0.005) -> bool:
+    """Wait until predicate() is true (checked every `every` seconds); False if `timeout`
+    runs out."""
     deadline = time.monotonic() + timeout
     event = threading.Event()
     while not predicate():
         if time.monotonic() > deadline:
             return False
-        event.wait(0.005)
+        event.wait(every)
     return True
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    """Like wait_for, failing the test with `what` on timeout; for state of another process
+    (a child, a server, a shared database), where there is nothing to wait on but a look."""
+    assert wait_for(predicate, timeout, every=0.05), f"timed out waiting for {what}"
 
 
 def take(bound: Any, max_count: int, wait: float = 0.0) -> list[Any]:

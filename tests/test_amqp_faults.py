@@ -13,7 +13,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
@@ -22,7 +21,7 @@ from typing import Any
 
 import pika
 import pytest
-from conftest import write_app
+from conftest import wait_until, write_app
 from contract_support import AMQP_URL, FACTORIES, engine_gate
 
 from runtime import App
@@ -211,13 +210,6 @@ def count(queue: str) -> int:
         return 0  # not declared yet
     finally:
         conn.close()
-
-
-def wait_until(predicate: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)  # another process's or the broker's state: nothing to wait on here
 
 
 def test_connection_cut_mid_stream_consumer_resumes_and_nothing_is_lost(

@@ -21,7 +21,7 @@ from typing import Any
 
 import msgpack
 import pytest
-from conftest import write_app
+from conftest import wait_until, write_app
 from redis_support import RedisServer, private_server
 
 from runtime import App
@@ -105,13 +105,6 @@ def done(server: RedisServer, queue: str = "done") -> list[dict[str, Any]]:
 def done_count(server: RedisServer) -> int:
     with server.client() as r:
         return int(r.xlen("runtime:done"))
-
-
-def wait_until(predicate: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)  # polling another process (the server, a child): nothing to wait on here
 
 
 def runtime(root: Path, *args: str) -> subprocess.Popen[str]:

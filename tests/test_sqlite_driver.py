@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import wait_for
 
 from runtime.drivers import driver_class
 from runtime.drivers.sqlite import SqliteConsumer, SqliteDriver
@@ -43,16 +44,6 @@ def msg(n: int | str, **headers: Any) -> Message:
 
 def ids(deliveries: list[Delivery]) -> list[str]:
     return [d.message.id for d in deliveries]
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    tick = threading.Event()
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        tick.wait(0.01)
-    return True
 
 
 def run_in_thread(fn: Callable[[], Any]) -> tuple[threading.Thread, list[Any]]:
@@ -451,8 +442,8 @@ def test_competing_consumers_each_message_once(make: Callable[..., SqliteDriver]
         t.start()
     for i in range(0, n, 20):
         (d1 if i % 40 else d2).publish("q", [msg(j) for j in range(i, i + 20)])
-    assert wait_until(lambda: sum(map(len, seen)) >= n, 30)
-    assert wait_until(lambda: d1.stats("q") == QueueStats(0, 0, 0), 10)
+    assert wait_for(lambda: sum(map(len, seen)) >= n, 30)
+    assert wait_for(lambda: d1.stats("q") == QueueStats(0, 0, 0), 10)
     stop.set()
     for t in threads:
         t.join(5)
@@ -529,7 +520,7 @@ def test_settles_are_written_soon_without_a_fetch(make: Callable[..., SqliteDriv
     c.retry(b, 30)
     # no fetch, no stats on d: the background writer commits them within milliseconds
     t0 = time.monotonic()
-    assert wait_until(lambda: other.stats("q") == QueueStats(0, 0, 1), 5)
+    assert wait_for(lambda: other.stats("q") == QueueStats(0, 0, 1), 5)
     assert time.monotonic() - t0 < 1.0
 
 
@@ -641,7 +632,7 @@ def test_close_and_open_again_keeps_everything(make: Callable[..., SqliteDriver]
     assert st.ready + st.delayed == 4 and st.in_flight == 1
     c2 = restarted.consume("q", "c2", 10)
     got: list[Delivery] = []
-    assert wait_until(lambda: bool(got.extend(c2.fetch(10, 0.2))) or len(got) >= 5, 10)
+    assert wait_for(lambda: bool(got.extend(c2.fetch(10, 0.2))) or len(got) >= 5, 10)
     assert sorted(ids(got)) == ["1", "2", "3", "4", "d"]
     assert [(g.message.id, g.attempt) for g in got if g.message.id in ("1", "d")] in (
         [("d", 1), ("1", 2)], [("1", 2), ("d", 1)])
@@ -720,13 +711,13 @@ def test_settles_survive_a_locked_database(make: Callable[..., SqliteDriver], tm
         assert c.ack(a) is True  # queued: the background writer cannot write it yet
         with pytest.raises(DriverUnavailable):
             c.fetch(1, 0)  # the claim transaction (carrying the ack) cannot start either
-        assert wait_until(lambda: "cannot write settles yet" in caplog.text, 10)
+        assert wait_for(lambda: "cannot write settles yet" in caplog.text, 10)
         assert raw.execute("SELECT count(*) FROM rq_messages").fetchone() == (2,)
         raw.execute("ROLLBACK")
     finally:
         raw.close()
     assert d.reconnect(threading.Event())
-    assert wait_until(lambda: d.stats("q") == QueueStats(0, 1, 0), 10), "the ack was lost"
+    assert wait_for(lambda: d.stats("q") == QueueStats(0, 1, 0), 10), "the ack was lost"
     assert c.ack(b) is True
     assert d.stats("q") == QueueStats(0, 0, 0)
 
@@ -792,7 +783,7 @@ def test_publishes_waiting_together_share_one_commit(make: Callable[..., SqliteD
     with d._lock:  # the database is busy (as during another commit): all 8 queue up
         for t in threads:
             t.start()
-        assert wait_until(lambda: len(d._pubs) == 8, 10)
+        assert wait_for(lambda: len(d._pubs) == 8, 10)
     for t in threads:
         t.join(10)
     assert commits == [8], "8 waiting publishes must go in one transaction (one fsync)"

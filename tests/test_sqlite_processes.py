@@ -10,13 +10,12 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import write_app
+from conftest import wait_until, write_app
 
 from runtime.drivers.sqlite import SqliteDriver
 from runtime.queue.message import Message
@@ -108,13 +107,6 @@ def runtime(root: Path, *args: str, run: int = 0, **kw: Any) -> subprocess.Popen
     env = dict(os.environ, RUN=str(run))
     return subprocess.Popen([sys.executable, "-m", "runtime", "run", str(root), "--log-level", "warn", *args],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
-
-
-def wait_until(predicate: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)  # polling another process's database: nothing to wait on here
 
 
 def test_memory_queues_refuse_processes_above_one(tmp_path: Path) -> None:

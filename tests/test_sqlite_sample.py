@@ -10,11 +10,10 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import pytest
+from conftest import wait_for
 
 from runtime import App
 from runtime.drivers.sqlite import SqliteDriver
@@ -42,16 +41,6 @@ def counts(db: Path) -> dict[tuple[str, int], int]:
         rows = conn.execute("SELECT queue, state, count(*) FROM rq_messages GROUP BY 1, 2").fetchall()
     conn.close()
     return {(q, s): n for q, s, n in rows}
-
-
-def wait_until(predicate, timeout: float) -> bool:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    tick = threading.Event()
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        tick.wait(0.02)
-    return True
 
 
 def dead_letter_ids(app: App) -> tuple[set[int], set[object]]:
@@ -104,7 +93,7 @@ def test_kill_9_mid_stream_then_recovery(tmp_path: Path) -> None:
                              "--no-progress"], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         # Mid-stream: some jobs done, most still to do.
-        assert wait_until(lambda: sum(n for (q, _), n in counts(db).items() if q == "jobs") < total - 500, 30)
+        assert wait_for(lambda: sum(n for (q, _), n in counts(db).items() if q == "jobs") < total - 500, 30)
     finally:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(10)
