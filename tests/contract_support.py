@@ -136,9 +136,7 @@ class Harness:
             c.close()
         for name in self.declared:
             self.driver.purge(name)
-            if isinstance(self.driver, RedisDriver):  # a shared server: no empty streams left behind
-                self.driver.delete_keys(name)
-            drop = getattr(self.driver, "delete_queue", None)  # a broker keeps queues: delete them
+            drop = getattr(self.driver, "delete_queue", None)  # a server keeps queues: delete them
             if drop is not None:
                 drop(name)
         self.driver.close()

@@ -363,7 +363,7 @@ class RedisDriver(Driver):
         self._freed()
         return n
 
-    def delete_keys(self, queue: str) -> None:
+    def delete_queue(self, queue: str) -> None:
         """Delete the queue's stream, group and delayed set (tests on a shared server)."""
         self._redis().delete(self.stream(queue), self.delayed_key(queue))
 
