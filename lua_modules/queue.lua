@@ -67,7 +67,7 @@ new_message = function(cur)
         local ok, err = live()
         if not ok then return nil, err end
         if cur.settled then return fail("Invalid", "message already settled (" .. cur.settled .. ")") end
-        local res, herr = call_host(bridge.settle, action)
+        local res, herr = call_host(bridge.settle, action, cur.index)
         if res == nil then return nil, herr end
         cur.settled = action
         return true
@@ -76,7 +76,7 @@ new_message = function(cur)
         local ok, err = live()
         if not ok then return nil, err end
         if cur.id == nil then
-            local id, herr = call_host(bridge.message_id)
+            local id, herr = call_host(bridge.message_id, cur.index)
             if id == nil then return nil, herr end
             cur.id = id
         end
@@ -89,7 +89,7 @@ new_message = function(cur)
         local ok, err = live()
         if not ok then return nil, err end
         if cur.headers == nil then
-            local text, herr = call_host(bridge.message_headers)
+            local text, herr = call_host(bridge.message_headers, cur.index)
             if text == nil then return nil, herr end
             local decoded, derr = json.decode(text)
             if type(decoded) ~= "table" then return nil, derr or fail("Internal", "unreadable headers") end

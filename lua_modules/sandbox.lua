@@ -9,6 +9,8 @@
 --   host.compile(text, chunkname) -> true | nil, msg   (syntax check, never runs code)
 --   host.deliverer(id) -> deliver(body, value, has_value, attempt, timeout) -> status, msg, tb, kind
 --       (hands one message to the entry's handler; see DELIVERY below)
+--   host.batch_deliverer(id, ctl, durs) -> deliver_batch(timeout, timed, n, body1, attempt1, ...)
+--       (several messages in one call, LuaJIT only; see BATCHES below)
 -- Time limits (see LIMITS below): `timeout` seconds of wall clock per call, enforced by a
 -- count hook that keeps raising a Timeout error once the deadline has passed. The host
 -- turns the JIT off in states that run limited code (hooks do not fire in compiled traces).
@@ -520,43 +522,92 @@ local function settle_result(cur, ok, r1, r2)
     return ACK
 end
 
+-- One message: (status, msg, tb, kind), status ACK on the hot path with nothing else.
+-- `index` is its place in the host's batch (nil for a single delivery): the Message object
+-- passes it back to the host when it settles or asks for its id and headers.
+local function deliver_one(fn, body, value, has_value, attempt, timeout, index)
+    cdepth = 0
+    if not has_value then
+        local err
+        if metered then -- a body too large for the state's room is a memory error of this delivery
+            local dok
+            dok, value, err = pcall(json_decode, body)
+            if not dok then return NACK, safe_tostring(value), "", is_memory_error(value) and "Memory" or nil end
+        else
+            value, err = json_decode(body)
+        end
+        if err then return UNDECODABLE, safe_tostring(err), "" end
+    end
+    local cur = { attempt = attempt, body = body, value = value, index = index }
+    state.current = cur
+    arm(timeout)
+    local ok, r1, r2 = xpcall(fn, on_error, value)
+    if ok and r2 == nil and r1 ~= false and not cur.settled then -- the hot path: one value back
+        local over = disarm()
+        state.current = nil
+        cur.released = true
+        if over ~= nil then return NACK, tostring(over), "", "Timeout" end
+        return ACK
+    end
+    local rok, status, msg, tb, kind = pcall(settle_result, cur, ok, r1, r2)
+    if not rok then
+        status, msg, tb, kind = NACK, safe_tostring(status), "", is_memory_error(status) and "Memory" or nil
+    end
+    local over = disarm()
+    state.current = nil
+    cur.released = true
+    if over ~= nil then return NACK, tostring(over), tb or "", "Timeout" end
+    return status, msg, tb, kind
+end
+
 function host.deliverer(id)
     local entry = loaded[id]
     if entry == nil or entry.fn == nil then return nil end
     local fn = entry.fn
     return function(body, value, has_value, attempt, timeout)
-        cdepth = 0
-        if not has_value then
-            local err
-            if metered then -- a body too large for the state's room is a memory error of this delivery
-                local dok
-                dok, value, err = pcall(json_decode, body)
-                if not dok then return NACK, safe_tostring(value), "", is_memory_error(value) and "Memory" or nil end
-            else
-                value, err = json_decode(body)
-            end
-            if err then return UNDECODABLE, safe_tostring(err), "" end
+        return deliver_one(fn, body, value, has_value, attempt, timeout, nil)
+    end
+end
+
+---------------------------------------------------------------------------------------------
+-- BATCHES: the messages already waiting in a worker's buffer, handed over in one call, so
+-- the host's per-message work (and the GIL hand-over of a call into Lua) is paid once per
+-- batch. Each message still runs alone: its own decode, time limit, state.current and
+-- result. The loop stops at the first message whose result is not a plain ack and returns
+-- it to the host, which settles it (and replaces this state if it must) before handing
+-- over the rest. LuaJIT only: the control block is memory the host owns, read and written
+-- through the FFI with no call into Python:
+--   ctl[0]  set by the host (from any thread) when the worker stops: no further message starts
+--   ctl[1]  the batch index of the message running now, read by the host if it abandons the worker
+-- After BATCH_TIME seconds the batch returns early, so messages waiting behind a slow one
+-- go back to the shared buffer for other workers. `durs` (double[]), when the host measures
+-- handler durations, gets each message's time.
+-- deliver_batch(timeout, timed, n, body1, attempt1, ...) ->
+--   k                              messages 1..k acked; k < n: the rest did not start
+--   k, status, msg, tb, kind       messages 1..k acked, message k + 1 ended as `status`
+local BATCH_TIME = 0.005
+local ok_ffi, ffi = pcall(require, "ffi")
+if not ok_ffi then ffi = nil end
+
+function host.batch_deliverer(id, ctl_address, durs_address)
+    local entry = loaded[id]
+    if ffi == nil or entry == nil or entry.fn == nil then return nil end
+    local fn = entry.fn
+    local ctl = ffi.cast("volatile int32_t *", ctl_address)
+    local durs = ffi.cast("double *", durs_address)
+    return function(timeout, timed, n, ...)
+        local args = { ... }
+        local started = clock()
+        for i = 1, n do
+            if ctl[0] ~= 0 then return i - 1 end
+            local t0 = clock()
+            if i > 1 and t0 - started > BATCH_TIME then return i - 1 end
+            ctl[1] = i
+            local status, msg, tb, kind = deliver_one(fn, args[2 * i - 1], nil, false, args[2 * i], timeout, i)
+            if timed then durs[i - 1] = clock() - t0 end
+            if status ~= ACK then return i - 1, status, msg, tb, kind end
         end
-        local cur = { attempt = attempt, body = body, value = value }
-        state.current = cur
-        arm(timeout)
-        local ok, r1, r2 = xpcall(fn, on_error, value)
-        if ok and r2 == nil and r1 ~= false and not cur.settled then -- the hot path: one value back
-            local over = disarm()
-            state.current = nil
-            cur.released = true
-            if over ~= nil then return NACK, tostring(over), "", "Timeout" end
-            return ACK
-        end
-        local rok, status, msg, tb, kind = pcall(settle_result, cur, ok, r1, r2)
-        if not rok then
-            status, msg, tb, kind = NACK, safe_tostring(status), "", is_memory_error(status) and "Memory" or nil
-        end
-        local over = disarm()
-        state.current = nil
-        cur.released = true
-        if over ~= nil then return NACK, tostring(over), tb or "", "Timeout" end
-        return status, msg, tb, kind
+        return n
     end
 end
 

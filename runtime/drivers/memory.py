@@ -182,6 +182,9 @@ class MemoryConsumer(DriverConsumer):
     def _ack(self, d: Delivery) -> None:
         pass  # the base class has removed it from the in-flight map: it is gone
 
+    def _ack_many(self, deliveries: list[Delivery]) -> None:
+        pass
+
     def _retry(self, d: Delivery, delay: float) -> None:
         q = self._q
         with q.lock:

@@ -54,9 +54,13 @@ class Bridge:
         self.queues = queues
         self.security = security  # the SecurityContext of the entry running in this state
         self.cancel = threading.Event()
-        # Set by the worker around a handler call: settles the current delivery ("ack"/"nack").
-        self.settler: Callable[[str], None] | None = None
+        # Set by the worker around a handler call: settles a delivery ("ack"/"nack").
+        self.settler: Callable[[str, Any], None] | None = None
         self.delivery: Any = None  # the Delivery being handled, for msg:headers()
+        # Around a batch call instead: the batch, and where the call's first message is in it
+        # (Lua names a message of the call by its 1-based index).
+        self.batch: Any = None
+        self.offset = 0
 
     def functions(self) -> dict[str, Callable[..., Any]]:
         return {name: safe(getattr(self, name))
@@ -95,21 +99,28 @@ class Bridge:
     def queue_info(self, caller_id: str, queue_id: str) -> str:
         return json.dumps(self.queues.info(caller_id, queue_id))
 
-    def settle(self, action: str) -> bool:
+    def _delivery(self, index: Any) -> Any:
+        """The delivery a Message object stands for: the single one, or one of the batch."""
+        if index is None:
+            d = self.delivery
+        else:
+            batch, i = self.batch, self.offset + int(index) - 1
+            d = batch[i] if batch is not None and self.offset <= i < len(batch) else None
+        if d is None:
+            raise RuntimeHostError("no message")
+        return d
+
+    def settle(self, action: str, index: Any = None) -> bool:
         if self.settler is None:
             raise RuntimeHostError("no message to settle")
-        self.settler(str(action))
+        self.settler(str(action), self._delivery(index))
         return True
 
-    def message_id(self) -> str:
-        if self.delivery is None:
-            raise RuntimeHostError("no message")
-        return str(self.delivery.message.id)
+    def message_id(self, index: Any = None) -> str:
+        return str(self._delivery(index).message.id)
 
-    def message_headers(self) -> str:
-        if self.delivery is None:
-            raise RuntimeHostError("no message")
-        return json.dumps(self.delivery.message.headers, ensure_ascii=False)
+    def message_headers(self, index: Any = None) -> str:
+        return json.dumps(self._delivery(index).message.headers, ensure_ascii=False)
 
     # time --------------------------------------------------------------------------------
     def sleep(self, seconds: float) -> Any:

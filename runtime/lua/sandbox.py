@@ -7,6 +7,7 @@ state is per worker by contract.
 
 from __future__ import annotations
 
+import ctypes
 import re
 import weakref
 from typing import TYPE_CHECKING, Any
@@ -15,13 +16,14 @@ from ..errors import LuaHandlerError
 from ..registry import LuaCodeSpec, Registry, display_path
 from .bridge import Bridge, QueuePort
 from .convert import from_lua, to_lua
-from .engine import new_lua_runtime
+from .engine import ENGINE, new_lua_runtime
 from .paths import lua_module_source
 
 if TYPE_CHECKING:
     from ..registry import LuaSource
 
 ACK, NACK, SETTLED, UNDECODABLE = 0, 1, 2, 3
+BATCH_MAX = 64  # the most messages one deliver_batch call takes
 
 _TRUSTED_FRAME = re.compile(r"^\s*(\[C\]: in function 'xpcall'|lua_modules/|\[string)")
 
@@ -148,6 +150,12 @@ class LuaSandbox:
         self._host_load = self.host.load
         self._host_call = self.host.call
         self._deliverers: dict[str, Any] = {}
+        self._batchers: dict[str, Any] = {}
+        # The control block of batch calls (see BATCHES in sandbox.lua), owned here so it
+        # lives exactly as long as the state: [0] stop, [1] the running message's index.
+        self._ctl = (ctypes.c_int32 * 2)()
+        self._durs = (ctypes.c_double * BATCH_MAX)()
+        self.batches = not self.metered and ENGINE == "luajit21"
         self._glue = glue
         if memory_limit is not None:
             g.collectgarbage("collect")  # the modules' garbage does not count against the handler
@@ -287,6 +295,36 @@ class LuaSandbox:
                 return 1, _lua_error_text(exc), None, _lua_error_kind(exc)
         return _pad4(deliver(body, value, has_value, attempt, timeout))
 
+    def deliver_batch(self, entry_id: str, deliveries: Any, start: int, timeout: float | None,
+                      timed: bool) -> Any:
+        """Run a loaded handler on deliveries[start:] (JSON bodies, at most BATCH_MAX) in one
+        call. Returns k (that many acked; fewer than given: the rest did not start) or
+        (k, status, error, traceback, kind): k acked, then message k + 1 ended as `status`.
+        Only where `batches` is true (LuaJIT states without a memory limit)."""
+        deliver = self._batchers.get(entry_id)
+        if deliver is None:
+            self.ensure_loaded(entry_id)
+            deliver = self.host.batch_deliverer(entry_id, ctypes.addressof(self._ctl), ctypes.addressof(self._durs))
+            if deliver is None:
+                raise RuntimeError("this Lua state cannot take batches")
+            self._batchers[entry_id] = deliver
+        args = [x for d in deliveries[start:] for x in (d.message.body, d.attempt)]
+        self._ctl[1] = 0
+        return deliver(timeout, timed, len(args) >> 1, *args)
+
+    def running(self) -> int:
+        """The 1-based index, within the batch call running now, of the message it runs
+        (0 before the first); read from another thread."""
+        return int(self._ctl[1])
+
+    def durations(self, n: int) -> list[float]:
+        """The handler times of the first n messages of the last batch call (when timed)."""
+        return list(self._durs[:n])
+
+    def stop_batches(self) -> None:
+        """No further message of a batch call starts (safe from any thread)."""
+        self._ctl[0] = 1
+
     def _metered(self, fn: Any, *args: Any) -> Any:
         try:
             return self._invoke(fn, *args)
@@ -309,3 +347,4 @@ class LuaSandbox:
 
     def close(self) -> None:
         self.bridge.cancel.set()
+        self._ctl[0] = 1

@@ -8,6 +8,15 @@ nothing more is taken from the driver (backpressure). There is no hand-off threa
 worker goes from one message to the next without waiting on another thread. A worker's
 loop body is one `run_once()` step. Drivers whose deliveries are leases renew them
 themselves for as long as the delivery is in flight (see Capabilities.lease).
+
+Batches: a worker whose handler can take them (a LuaJIT state, a JSON queue) takes its
+share of what is already in the buffer, up to BATCH_MAX, and hands it to Lua in one call;
+Python then acks the acked ones in one step. Nothing waits to fill a batch: a lone
+message goes alone. Each message still runs on its own (its time limit, its result); the
+first that does not end in a plain ack comes back to Python, which settles it as usual
+before handing over the rest. Messages of a batch that have not started count against
+`prefetch`, go back to the buffer when a batch runs long (so they do not wait behind a
+slow one), and back to the queue when the pool stops.
 """
 
 from __future__ import annotations
@@ -28,7 +37,7 @@ from ..lua.sandbox import clean_traceback
 from ..lua.threads import start_lua_thread
 from ..registry import ConsumerSpec
 from .driver import Delivery, DriverConsumer
-from .handler import ACK, SETTLED, Handler, Outcome
+from .handler import ACK, BATCH_MAX, SETTLED, Handler, Outcome
 from .message import Message
 from .router import BoundQueue
 
@@ -66,9 +75,12 @@ class _Worker:
     handler: Handler | None = None
     thread: threading.Thread | None = None
     current: Delivery | None = None
+    batch: list[Delivery] | None = None  # the deliveries this worker holds (current among them)
+    start: int = 0  # where in `batch` the handler call running now began
+    batches: bool = False  # its handler takes batches
     counters: Counters = field(default_factory=Counters)
     durations: Durations = field(default_factory=Durations)
-    settle: Callable[[str], None] | None = None  # msg:ack()/msg:nack(), see ConsumerPool._settler
+    settle: Callable[..., None] | None = None  # msg:ack()/msg:nack(), see ConsumerPool._settler
 
 
 class ConsumerPool:
@@ -128,6 +140,7 @@ class ConsumerPool:
     def _worker_main(self, w: _Worker, ready: threading.Barrier, failures: list[LuaHandlerError]) -> None:
         try:
             w.handler = self.make_handler()
+            w.batches = bool(getattr(w.handler, "batches", False)) and not self.spec.auto_ack
         except LuaHandlerError as exc:
             failures.append(exc)
         except Exception as exc:  # noqa: BLE001 - reported as a start failure
@@ -143,29 +156,39 @@ class ConsumerPool:
             w.handler = None  # the pool lets go of its Lua states when it stops
 
     # -- the buffer --------------------------------------------------------------------------
-    def _take(self, timeout: float) -> Delivery | None:
-        """The next delivery from the shared buffer, refilling it from the driver if empty."""
-        buffer = self._buffer
-        try:
-            return buffer.popleft()
-        except IndexError:
-            pass
+    def _take(self, timeout: float, most: int = 1) -> list[Delivery] | None:
+        """This worker's share (up to `most`) of the shared buffer, refilling it from the
+        driver if empty; None if nothing came in time."""
+        got = self._pop(most)
+        if got:
+            return got
         if not self._refill.acquire(timeout=timeout):
             return None
         try:
-            if not buffer and not self._stopping.is_set():
+            if not self._buffer and not self._stopping.is_set():
                 self._fill(timeout)
         finally:
             self._refill.release()
+        return self._pop(most) or None
+
+    def _pop(self, most: int) -> list[Delivery]:
+        buffer = self._buffer
+        if most > 1:  # a fair share: what is there, split between the workers
+            most = min(most, -(-len(buffer) // len(self.workers)))
+        got: list[Delivery] = []
         try:
-            return buffer.popleft()
+            while len(got) < most:
+                got.append(buffer.popleft())
         except IndexError:
-            return None
+            pass
+        return got
 
     def _fill(self, timeout: float) -> None:
         assert self.source is not None
+        # Messages waiting in the workers' batches are still "prefetched": they count.
+        waiting = sum(len(w.batch) - 1 for w in self.workers if w.batch)
         try:
-            self._buffer.extend(self.source.fetch(self.spec.prefetch, timeout))
+            self._buffer.extend(self.source.fetch(max(1, self.spec.prefetch - waiting), timeout))
         except DriverUnavailable as exc:
             log.warning("consumer %s: %s; waiting for the driver to reconnect", self.spec.id, exc)
             self.reconnecting = True
@@ -179,31 +202,104 @@ class ConsumerPool:
 
     # -- one step of a worker ------------------------------------------------------------------
     def run_once(self, w: _Worker, timeout: float = POLL) -> bool:
-        """Take one delivery and process it. False if none came in time."""
-        d = self._take(timeout)
-        if d is None:
+        """Take one delivery (or a batch) and process it. False if none came in time."""
+        batch = self._take(timeout, BATCH_MAX if w.batches else 1)
+        if batch is None:
             return False
         assert self.source is not None
         if self._stopping.is_set():
-            self.source.release((d,))
+            self.source.release(batch)
             return False
+        w.batch = batch
+        try:
+            if len(batch) == 1 or not w.batches:
+                for d in batch:
+                    self._run_one(w, d)
+            else:
+                self._run_batch(w, batch)
+        finally:
+            w.batch = None
+        return True
+
+    def _run_one(self, w: _Worker, d: Delivery) -> None:
+        assert self.source is not None
         w.current = d
         try:
             self._process(w, d)
         except DriverUnavailable as exc:  # settling failed: the engine keeps the message and hands it out again
-            log.warning("consumer %s: could not settle message %s (%s); the driver delivers it again after its "
-                        "recovery time", self.spec.id, d.message.id, exc)
+            self._settle_failed(d, exc)
         except Exception as exc:  # noqa: BLE001 - a host bug must not kill the worker or lose the message
-            log.exception("consumer %s: internal error on message %s", self.spec.id, d.message.id)
-            try:
-                self._fail(w, d, f"internal error: {type(exc).__name__}: {exc}")
-            except Exception:  # noqa: BLE001 - last resort: back to the queue, never stuck in flight
-                log.exception("consumer %s: could not fail message %s; returning it", self.spec.id, d.message.id)
-                self.source.release((d,))
+            self._internal_error(w, d, exc)
         finally:
             w.current = None
             w.counters.processed += 1
-        return True
+
+    def _settle_failed(self, d: Delivery, exc: Exception) -> None:
+        log.warning("consumer %s: could not settle message %s (%s); the driver delivers it again after its "
+                    "recovery time", self.spec.id, d.message.id, exc)
+
+    def _internal_error(self, w: _Worker, d: Delivery, exc: Exception) -> None:
+        assert self.source is not None
+        log.exception("consumer %s: internal error on message %s", self.spec.id, d.message.id)
+        try:
+            self._fail(w, d, f"internal error: {type(exc).__name__}: {exc}")
+        except Exception:  # noqa: BLE001 - last resort: back to the queue, never stuck in flight
+            log.exception("consumer %s: could not fail message %s; returning it", self.spec.id, d.message.id)
+            self.source.release((d,))
+
+    def _run_batch(self, w: _Worker, batch: list[Delivery]) -> None:
+        """Several deliveries in as few handler calls as their results allow."""
+        source, handler = self.source, w.handler
+        assert source is not None and handler is not None
+        if self._max_attempts != float("inf") and any(d.attempt > self._max_attempts for d in batch):
+            for d in [d for d in batch if d.attempt > self._max_attempts]:
+                self._run_one(w, d)  # dead-lettered without running
+            batch = [d for d in batch if d.attempt <= self._max_attempts]
+            w.batch = batch
+        start, n, timed = 0, len(batch), self.timed
+        while start < n:
+            w.start = start
+            try:
+                k, out, durations = handler.handle_batch(batch, start, w.settle, timed)  # type: ignore[attr-defined]
+            except Exception as exc:  # noqa: BLE001 - a host bug: the message it was on fails, the rest go on
+                self._internal_error(w, batch[start], exc)
+                w.counters.processed += 1
+                start += 1
+                continue
+            if durations:
+                for seconds in durations:
+                    w.durations.observe(seconds)
+            if k > start:
+                try:
+                    w.counters.acked += source.ack_many(batch[start:k])
+                except DriverUnavailable as exc:
+                    self._settle_failed(batch[start], exc)
+                w.counters.processed += k - start
+            if out is None:
+                if k < n:  # not started: the worker is stopping, or the batch ran long
+                    self._give_back(batch[k:])
+                return
+            d = batch[k]
+            w.current = d
+            try:
+                self._settle_outcome(w, d, out)
+            except DriverUnavailable as exc:
+                self._settle_failed(d, exc)
+            except Exception as exc:  # noqa: BLE001 - as in _run_one
+                self._internal_error(w, d, exc)
+            finally:
+                w.current = None
+                w.counters.processed += 1
+            start = k + 1
+
+    def _give_back(self, rest: list[Delivery]) -> None:
+        """Deliveries of a batch that did not start: to the head of the buffer, for any
+        worker, or to the queue when the pool is stopping."""
+        assert self.source is not None
+        if self._stopping.is_set():
+            self.source.release(rest)
+            return
+        self._buffer.extendleft(reversed(rest))
 
     def _process(self, w: _Worker, d: Delivery) -> None:
         handler = w.handler
@@ -221,6 +317,11 @@ class ConsumerPool:
             w.durations.observe(perf_counter() - began)
         else:
             out = handler.handle(d, w.settle)  # type: ignore[arg-type]
+        self._settle_outcome(w, d, out)
+
+    def _settle_outcome(self, w: _Worker, d: Delivery, out: Outcome) -> None:
+        """What a handler's outcome means for its delivery (SPEC §6)."""
+        assert self.source is not None
         if out.status == ACK:
             if not self.spec.auto_ack and self.source.ack(d):
                 w.counters.acked += 1
@@ -234,12 +335,13 @@ class ConsumerPool:
             return  # at-most-once: already settled, not redelivered
         self._fail(w, d, out.error or "handler failed")
 
-    def _settler(self, w: _Worker) -> Callable[[str], None]:
+    def _settler(self, w: _Worker) -> Callable[..., None]:
         """A worker's early-settle callback (msg:ack()/msg:nack()), made once per worker:
-        it settles the delivery the worker is running."""
+        it settles the given delivery of its batch, or the one the worker is running."""
 
-        def settle(action: str) -> None:
-            d = w.current
+        def settle(action: str, d: Delivery | None = None) -> None:
+            if d is None:
+                d = w.current
             if d is None:
                 raise RuntimeHostError("no message to settle")
             self._settle(w, d, action)
@@ -333,9 +435,8 @@ class ConsumerPool:
         if self.source is not None:
             self._return_buffered()  # (4) prefetched, never started: back unchanged
             for w in self.workers:  # (5) abandoned handlers: their messages go back too
-                d = w.current
-                if w.thread is not None and w.thread.is_alive() and d is not None:
-                    self.source.release((d,))  # its late ack will find nothing to settle
+                if w.thread is not None and w.thread.is_alive() and w.batch:
+                    self._abandon(w, w.batch)  # their late acks will find nothing to settle
                     overran.append(f"{self.spec.id}#{w.index}")
             try:
                 self.source.close()
@@ -346,6 +447,20 @@ class ConsumerPool:
             self._counted = False
         self.started = False
         return overran
+
+    def _abandon(self, w: _Worker, batch: list[Delivery]) -> None:
+        """A worker still running past the stop timeout: the messages of its batch that
+        its handler acked are acked, the running one and those after it go back."""
+        assert self.source is not None
+        current = w.current
+        if current is not None:
+            i = next((j for j, d in enumerate(batch) if d is current), 0)
+        elif w.batches and len(batch) > 1 and w.handler is not None:
+            i = w.start + max(w.handler.running(), 1) - 1  # type: ignore[attr-defined]
+            self.source.ack_many(batch[w.start:i])
+        else:
+            i = 0
+        self.source.release(batch[i:])
 
     def _return_buffered(self) -> None:
         assert self.source is not None
@@ -373,7 +488,8 @@ class ConsumerPool:
             total.nacked += c.nacked
             total.dead_lettered += c.dead_lettered
             total.processed += c.processed
-            in_flight += w.current is not None
+            batch = w.batch
+            in_flight += len(batch) if batch else 0
         in_flight += len(self._buffer)
         return {"acked": total.acked, "nacked": total.nacked, "dead_lettered": total.dead_lettered,
                 "in_flight": in_flight, "processed": total.processed}

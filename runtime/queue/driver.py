@@ -359,6 +359,23 @@ class DriverConsumer:
         driver.activity.bump()
         return True
 
+    def ack_many(self, deliveries: Sequence[Delivery]) -> int:
+        """Ack several deliveries in one step; how many were still in flight (and are now acked)."""
+        with self._lock:
+            pop = self._in_flight.pop
+            mine = [d for d in deliveries if pop(d.token, None) is not None]
+        if not mine:
+            return 0
+        driver = self.driver
+        try:
+            self._ack_many(mine)
+        except RuntimeHostError:
+            raise
+        except driver.connection_errors as exc:
+            raise driver.unavailable(exc) from None
+        driver.activity.bump()
+        return len(mine)
+
     def retry(self, d: Delivery, delay: float = 0.0) -> bool:
         with self._lock:
             if self._in_flight.pop(d.token, None) is None:
@@ -409,6 +426,11 @@ class DriverConsumer:
 
     def _ack(self, d: Delivery) -> None:
         raise NotImplementedError
+
+    def _ack_many(self, deliveries: list[Delivery]) -> None:
+        """Ack several; drivers that can do it in one engine call override this."""
+        for d in deliveries:
+            self._ack(d)
 
     def _retry(self, d: Delivery, delay: float) -> None:
         raise NotImplementedError

@@ -6,14 +6,14 @@ be driven in tests by a fake handler without Lua.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import NamedTuple, Protocol
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple, Protocol
 
-from ..lua.sandbox import ACK, NACK, SETTLED, UNDECODABLE, LuaSandbox
+from ..lua.sandbox import ACK, BATCH_MAX, NACK, SETTLED, UNDECODABLE, LuaSandbox
 from .codecs import Codec, JsonCodec
 from .driver import Delivery
 
-__all__ = ["ACK", "NACK", "SETTLED", "UNDECODABLE", "Outcome", "Handler", "LuaHandler"]
+__all__ = ["ACK", "NACK", "SETTLED", "UNDECODABLE", "BATCH_MAX", "Outcome", "Handler", "BatchHandler", "LuaHandler"]
 
 
 class Outcome(NamedTuple):
@@ -38,6 +38,27 @@ class Handler(Protocol):
     def close(self) -> None: ...
 
 
+class BatchHandler(Handler, Protocol):
+    """A handler that can also run several buffered deliveries in one call (`batches` true)."""
+
+    batches: bool
+
+    def handle_batch(self, batch: Sequence[Delivery], start: int, settle: Callable[[str, Delivery], None],
+                     timed: bool) -> tuple[int, Outcome | None, list[float] | None]:
+        """Run batch[start:] in order, each message on its own (its time limit, its result),
+        stopping at the first that is not a plain ack. Returns (k, outcome, durations):
+        batch[start:k] were acked by their handler; `outcome` is that of batch[k] (None: the
+        messages from k on did not start, because the worker is stopping or the batch ran
+        long); `durations` (when `timed`) the handler times of the messages that ran.
+        `settle(action, delivery)` settles one of the batch early (msg:ack())."""
+        ...
+
+    def running(self) -> int:
+        """Index in the batch call running now of the message it runs (1-based; 0 before
+        the first). Read from another thread when the pool abandons the worker."""
+        ...
+
+
 class LuaHandler:
     """A `function.lua` entry loaded into one worker's own Lua state."""
 
@@ -47,7 +68,11 @@ class LuaHandler:
         self.codec = codec
         self.timeout = timeout
         self._json_body = isinstance(codec, JsonCodec)
+        self._stopped = False
         self.sandbox = self._new_sandbox()
+        # Batches need the FFI control block (LuaJIT states without a memory limit) and a body
+        # Lua decodes itself (JSON).
+        self.batches = self.sandbox.batches and self._json_body
 
     def _new_sandbox(self) -> LuaSandbox:
         sandbox = self.make_sandbox()
@@ -56,13 +81,18 @@ class LuaHandler:
         except BaseException:
             sandbox.close()
             raise
+        if self._stopped:
+            sandbox.stop_batches()
         return sandbox
 
     def cancel(self) -> None:
-        """Cut short what the running handler waits for (time.sleep, a full queue)."""
+        """Cut short what the running handler waits for (time.sleep, a full queue), and
+        start no further message of a batch."""
+        self._stopped = True
+        self.sandbox.stop_batches()
         self.sandbox.bridge.cancel.set()
 
-    def handle(self, delivery: Delivery, settle: Callable[[str], None]) -> Outcome:
+    def handle(self, delivery: Delivery, settle: Callable[..., None]) -> Outcome:
         sandbox = self.sandbox
         msg = delivery.message
         bridge = sandbox.bridge
@@ -80,7 +110,31 @@ class LuaHandler:
         finally:
             bridge.settler = None
             bridge.delivery = None
-        status, error, tb, kind = result
+        return self._outcome(*result)
+
+    def handle_batch(self, batch: Sequence[Delivery], start: int, settle: Callable[[str, Delivery], None],
+                     timed: bool) -> tuple[int, Outcome | None, list[float] | None]:
+        sandbox = self.sandbox
+        bridge = sandbox.bridge
+        bridge.batch = batch
+        bridge.offset = start
+        bridge.settler = settle
+        try:
+            result = sandbox.deliver_batch(self.func, batch, start, self.timeout, timed)
+        finally:
+            bridge.settler = None
+            bridge.batch = None
+        if result.__class__ is int:  # the hot path: every message of the call acked (or not started)
+            return start + result, None, sandbox.durations(result) if timed else None
+        k, status, error, tb, kind, *_ = result + (None,) * 4
+        durations = sandbox.durations(k + 1) if timed else None  # read before the state may be replaced
+        return start + k, self._outcome(status, error, tb, kind), durations
+
+    def running(self) -> int:
+        return self.sandbox.running()
+
+    def _outcome(self, status: int, error: str | None, tb: str | None, kind: str | None) -> Outcome:
+        sandbox = self.sandbox
         if status == ACK:
             return ACKED
         if status == UNDECODABLE:
