@@ -7,7 +7,7 @@ be driven in tests by a fake handler without Lua.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple, Protocol
+from typing import NamedTuple, Protocol
 
 from ..lua.sandbox import ACK, BATCH_MAX, NACK, SETTLED, UNDECODABLE, LuaSandbox
 from .codecs import Codec, JsonCodec
