@@ -12,6 +12,37 @@ import time
 import lupa.luajit21 as lupa
 
 
+def raw_end_to_end_rate(handler_src: str, values: list[object], threads: int) -> float:
+    """Messages per second from the first publish to the last handled, the host thread
+    publishing (json.dumps, Queue.put) while `threads` workers consume."""
+    q: queue.Queue[bytes | None] = queue.Queue()
+    ready = threading.Barrier(threads + 1)
+    workers = [threading.Thread(target=_worker, args=(handler_src, q, ready)) for _ in range(threads)]
+    for w in workers:
+        w.start()
+    ready.wait()
+    t0 = time.perf_counter()
+    for v in values:
+        q.put(json.dumps(v).encode())
+    for _ in range(threads):
+        q.put(None)
+    for w in workers:
+        w.join()
+    return len(values) / (time.perf_counter() - t0)
+
+
+def _worker(handler_src: str, q: queue.Queue[bytes | None], ready: threading.Barrier) -> None:
+    lua = lupa.LuaRuntime()
+    fn = lua.execute(handler_src)
+    table_from = lua.table_from
+    ready.wait()
+    while True:
+        item = q.get()
+        if item is None:
+            return
+        fn(table_from(json.loads(item), recursive=True))
+
+
 def raw_rate(handler_src: str, bodies: list[bytes], threads: int) -> float:
     """Messages per second for consuming every body once with `threads` workers."""
     q: queue.Queue[bytes | None] = queue.Queue()
@@ -20,19 +51,7 @@ def raw_rate(handler_src: str, bodies: list[bytes], threads: int) -> float:
     for _ in range(threads):
         q.put(None)
     ready = threading.Barrier(threads + 1)
-
-    def worker() -> None:
-        lua = lupa.LuaRuntime()
-        fn = lua.execute(handler_src)
-        table_from = lua.table_from
-        ready.wait()
-        while True:
-            item = q.get()
-            if item is None:
-                return
-            fn(table_from(json.loads(item), recursive=True))
-
-    workers = [threading.Thread(target=worker) for _ in range(threads)]
+    workers = [threading.Thread(target=_worker, args=(handler_src, q, ready)) for _ in range(threads)]
     for w in workers:
         w.start()
     ready.wait()

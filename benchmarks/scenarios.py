@@ -15,7 +15,7 @@ from runtime import App
 from runtime.lifecycle.services import ConsumerService
 from runtime.registry import ConsumerSpec
 
-from .baseline import raw_rate
+from .baseline import raw_end_to_end_rate, raw_rate
 from .common import COMPUTE_HANDLER, NOOP_HANDLER, payload, peak_rss_mib, rss_mib, write_app
 
 LATENCY_HANDLER = """
@@ -157,7 +157,9 @@ def idle_memory(concurrency: int) -> dict[str, Any]:
 
 def baseline(handler: str, n: int, threads: int) -> dict[str, Any]:
     bodies = [json.dumps(payload(i)).encode() for i in range(n)]
-    return {"consume_per_s": raw_rate(handler, bodies, threads)}
+    consume = raw_rate(handler, bodies, threads)
+    return {"consume_per_s": consume,
+            "end_to_end_per_s": raw_end_to_end_rate(handler, [payload(i) for i in range(n)], threads)}
 
 
 def run_in_this_process(name: str, kwargs: dict[str, Any]) -> dict[str, Any]:

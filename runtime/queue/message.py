@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -10,13 +11,24 @@ from typing import Any
 HeaderValue = str | int | float | bool
 
 
+_ids = threading.local()
+_ID_BATCH = 256  # ids per call to os.urandom
+
+
 def new_id() -> str:
-    """A random (version 4) UUID as text; about 4x cheaper than str(uuid.uuid4())."""
-    b = bytearray(os.urandom(16))
-    b[6] = (b[6] & 0x0F) | 0x40
-    b[8] = (b[8] & 0x3F) | 0x80
-    h = b.hex()
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+    """A random (version 4) UUID as text; random bytes are taken from the OS 256 ids at a
+    time (per thread), so an id costs a fraction of str(uuid.uuid4())."""
+    try:
+        h = _ids.pool.pop()
+    except (AttributeError, IndexError):
+        raw = os.urandom(16 * _ID_BATCH).hex()
+        _ids.pool = [raw[i:i + 32] for i in range(0, len(raw), 32)]
+        h = _ids.pool.pop()
+    return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{_VARIANT[h[16]]}{h[17:20]}-{h[20:]}"
+
+
+# The variant bits (10xx) set on the first hex digit of the fourth group.
+_VARIANT = {d: "89ab"[int(d, 16) & 3] for d in "0123456789abcdef"}
 
 
 @dataclass(frozen=True)

@@ -130,6 +130,9 @@ class QueueRouter:
         self.registry = registry
         self.queues: dict[str, BoundQueue] = {}
         self.publish_timeout = PUBLISH_TIMEOUT
+        # (queue ID as given, namespace) -> its bound queue, for the per-message path; an entry
+        # counts only while the registry and the binding are the ones it was made with.
+        self._resolved: dict[tuple[str, str | None], tuple[Registry, BoundQueue]] = {}
         # Set by the app: (security context, caller ID, queue ID); raises PermissionDenied
         # when a Lua caller may not publish there (SPEC §3).
         self.authorize: Callable[[Any, str, str], None] | None = None
@@ -150,6 +153,16 @@ class QueueRouter:
         return spec
 
     def bound(self, queue_id: str, namespace: str | None = None) -> BoundQueue:
+        hit = self._resolved.get((queue_id, namespace))
+        if hit is not None and hit[0] is self.registry and self.queues.get(hit[1].spec.id) is hit[1]:
+            return hit[1]
+        bound = self._bound(queue_id, namespace)
+        if len(self._resolved) > 10_000:
+            self._resolved.clear()  # names from Lua are not bounded: neither is this, otherwise
+        self._resolved[(queue_id, namespace)] = (self.registry, bound)
+        return bound
+
+    def _bound(self, queue_id: str, namespace: str | None) -> BoundQueue:
         spec = self.spec(queue_id, namespace)
         bound = self.queues.get(spec.id)
         if bound is None:
