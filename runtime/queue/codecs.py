@@ -49,9 +49,9 @@ class JsonCodec(Codec):
     def _encoder(self) -> tuple[Any, dict[int, Any]]:
         markers: dict[int, Any] = {}
         try:
-            make = getattr(json.encoder, "c_make_encoder", None)
-            pair = (make(markers, _not_json, json.encoder.encode_basestring, None, ":", ",",
-                                                False, False, False), markers)
+            make: Any = getattr(json.encoder, "c_make_encoder", None)
+            pair = (make(markers, _not_json, json.encoder.encode_basestring, None, ":", ",", False, False, False),
+                    markers)
         except TypeError:  # pragma: no cover - no C accelerator, or another signature
             enc = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
             pair = (lambda v, _level: (enc.encode(v),), markers)
