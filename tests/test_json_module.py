@@ -211,3 +211,62 @@ def _loose_equal(a, b):
 
 
 _ROUNDTRIP_APP: dict = {}
+
+
+# -- the decoder's two scanning paths: compiled (JIT on) and interpreted (a state with a
+# time limit runs with the JIT off); both must read every number and string the same way.
+DECODE_BOTH = """
+namespace: t
+entries:
+  - {name: fast, kind: function.lua, source: file://d.lua, modules: [json]}
+  - {name: interpreted, kind: function.lua, source: file://d.lua, modules: [json], timeout: 10s}
+"""
+DECODE_LUA = """
+local json = require("json")
+return function(s)
+  local v, err = json.decode(s)
+  if err then return "error: " .. err:message() end
+  if type(v) == "number" then return string.format("%.17g", v) end
+  return v
+end
+"""
+
+
+@pytest.fixture(scope="module")
+def decode_both(tmp_path_factory):
+    from conftest import write_app
+
+    from runtime import App
+    root = tmp_path_factory.mktemp("decode")
+    write_app(root, {"app.yaml": DECODE_BOTH, "d.lua": DECODE_LUA})
+    app = App.load(root)
+    return lambda s: (app.call("t:fast", s), app.call("t:interpreted", s))
+
+
+@pytest.mark.parametrize("text", [
+    "0", "-0", "7", "12345", "-12345", "123456789012345", "1234567890123456", "9007199254740993",
+    "-9007199254740993", "1.5", "-1.5e3", "1E2", "1e+2", "2e-3", "0.000001", "-0.0", "0e0", "10.25E-2",
+    "99999999999999999999",
+])
+def test_decode_numbers_like_python_on_both_paths(decode_both, text):
+    expected = float(text)  # Lua numbers are doubles: "-0" is -0.0, as tonumber reads it
+    for got in decode_both(text):
+        assert float(got) == expected and math.copysign(1, float(got)) == math.copysign(1, expected), (text, got)
+
+
+@pytest.mark.parametrize("text, phrase", [
+    ("01", "leading zero"), ("-01", "leading zero"), ("1.", "malformed number"), ("1e", "malformed number"),
+    ("1.e3", "malformed number"), ("-", "unexpected"), ("--1", "unexpected"), ("1.5e+", "malformed number"),
+    ("[1,]", "unexpected"), ("+1", "unexpected"), ('"abc', "unterminated string"), ('"a\x01b"', "control character"),
+    ('"a\\qb"', "invalid escape"),
+])
+def test_decode_refuses_malformed_text_alike_on_both_paths(decode_both, text, phrase):
+    fast, interpreted = decode_both(text)
+    assert fast == interpreted and fast.startswith("error:") and phrase in fast, (fast, interpreted)
+
+
+@pytest.mark.parametrize("text", ['"plain"', '""', '"tab\\tand \\"quote\\" \\u00e9 \\ud83d\\ude00"', '"h\u00e9llo"',
+                                  '"' + "x" * 5000 + '"', '{"k":"v","n":[1,"two",{"x":1.5}]}'])
+def test_decode_strings_alike_on_both_paths(decode_both, text):
+    fast, interpreted = decode_both(text)
+    assert fast == interpreted == json.loads(text)
