@@ -13,7 +13,8 @@
 --       (several messages in one call, LuaJIT only; see BATCHES below)
 -- Time limits (see LIMITS below): `timeout` seconds of wall clock per call, enforced by a
 -- count hook that keeps raising a Timeout error once the deadline has passed. The host
--- turns the JIT off in states that run limited code (hooks do not fire in compiled traces).
+-- keeps the JIT off for the user's code in states that run limited code (hooks do not fire in
+-- compiled traces); the runtime's own modules (the JSON decoder, ...) are still compiled.
 -- Runs on LuaJIT 2.1 and on Lua 5.4 (used for entries with a memory limit).
 -- The sandbox is built by absence: a fresh environment table per entry holding only what
 -- SPEC §4 lists. Sandboxed code never sees the real globals, this table, or the bridge.
@@ -357,10 +358,15 @@ function host.compile(text, chunkname)
     return nil, json.utf8_clean(tostring(err))
 end
 
+local jit = jit
+
 function host.load(id, kind, text, chunkname, modules, imports, method, timeout)
     local env = new_env(id, modules, imports)
     local chunk, err = load(text, chunkname, "t", env)
     if not chunk then return nil, json.utf8_clean(tostring(err)), "" end
+    -- Under a time limit the user's code is never compiled (every function of the chunk,
+    -- recursively): the count hook that enforces the limit fires only in the interpreter.
+    if mods.limited and jit then jit.off(chunk, true) end
     cdepth = 0
     arm(timeout) -- a limited state limits the chunk's own top-level code too
     local ok, result = xpcall(chunk, on_error)

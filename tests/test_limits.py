@@ -21,6 +21,12 @@ RUNAWAYS = {
     "recursion in pcall": "local function f() pcall(f) end while true do f() end",
     "sleep past the limit": "time.sleep(30)",
     "string work": "local s = '' while true do s = s .. 'x' if #s > 1000 then s = '' end end",
+    # The runtime's own modules are JIT-compiled in a limited state; the user's code never is,
+    # nested functions and callbacks handed to C functions included.
+    "nested closure": "local function outer() local function spin() while true do end end spin() end outer()",
+    "sort comparator": "table.sort({3, 1, 2, 5, 4}, function(a, b) while true do end end)",
+    "gsub callback": "string.gsub('aaa', 'a', function() while true do end end)",
+    "hot loop then spin": "local n = 0 for i = 1, 1e6 do n = n + i end while n > 0 do n = n + 1 end",
 }
 
 
@@ -50,6 +56,19 @@ def test_time_limit_stops_runaway_code(tmp_path, name):
     assert elapsed < 2.0
     # the state is still usable: a later call that finishes in time works
     assert _function_app(tmp_path, "", "timeout: 1s").call("t:f") == "finished"
+
+
+@pytest.mark.timeout(30)
+def test_time_limit_stops_a_loop_in_an_imported_library(tmp_path):
+    write_app(tmp_path, {"app.yaml": """
+        namespace: t
+        entries:
+          - {name: lib, kind: library.lua, source: file://lib.lua}
+          - {name: f, kind: function.lua, source: file://f.lua, imports: {lib: t:lib}, timeout: 200ms}
+    """, "lib.lua": "local M = {} function M.spin() local x = 0 while true do x = x + 1 end end return M",
+        "f.lua": "local lib = require('lib') return function() lib.spin() end"})
+    with pytest.raises(LuaHandlerError, match="exceeded its time limit"):
+        App.load(tmp_path).call("t:f")
 
 
 def test_code_within_the_limit_is_unaffected(tmp_path):

@@ -101,8 +101,10 @@ class LuaSandbox:
     def __init__(self, registry: Registry, queues: QueuePort, *, timeout: float | None = None,
                  memory_limit: int | None = None, security: Any = None):
         """`timeout`: the state runs code under this time limit (chunks' top-level code too),
-        so the JIT is off (count hooks do not fire in compiled traces). `memory_limit`: a Lua 5.4 state whose allocator
-        refuses to grow past that many bytes (on top of what the runtime's modules use).
+        so the entries' own code is never JIT-compiled (count hooks do not fire in compiled
+        traces; see host.load in sandbox.lua), while the runtime's modules are.
+        `memory_limit`: a Lua 5.4 state whose allocator refuses to grow past that many bytes
+        (on top of what the runtime's modules use).
         `security`: the SecurityContext Lua publishes are checked against."""
         self.registry = registry
         self.bridge = Bridge(queues, security)
@@ -111,8 +113,6 @@ class LuaSandbox:
         limited = timeout is not None
         self.lua = new_lua_runtime(metered=memory_limit is not None)
         g = self.lua.globals()
-        if limited and g.jit is not None:
-            g.jit.off()
         self.metered = memory_limit is not None
         self._slot = self.lua.table()
         self._limit_total = 0
