@@ -42,14 +42,31 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+# The driver entry of a benchmark app, per driver kind (the servers are the machine's own).
+DRIVERS = {
+    "memory": "{name: store, kind: queue.driver.memory, lifecycle: {auto_start: true}}",
+    "sqlite": "{name: store, kind: queue.driver.sqlite, path: '{root}/queues.sqlite3', lifecycle: {auto_start: true}}",
+    "redis": "{name: store, kind: queue.driver.redis, url: 'redis://127.0.0.1:6379/0', key_prefix: 'bench:{tag}:', "
+             "lifecycle: {auto_start: true}}",
+    "amqp": "{name: store, kind: queue.driver.amqp, url: 'amqp://guest:guest@127.0.0.1:5672/', "
+            "lifecycle: {auto_start: true}}",
+}
+
+
 def write_app(handler: str, *, concurrency: int = 1, prefetch: int = 10, stages: int = 1,
-              max_length: int = 1_000_000, auto_start_consumers: bool = True, limits: str = "") -> Path:
-    """A benchmark app: queues q1..qN (q_i's handler republishes to q_{i+1}), `handler` last."""
+              max_length: int = 1_000_000, auto_start_consumers: bool = True, limits: str = "",
+              driver: str = "memory") -> Path:
+    """A benchmark app: queues q1..qN (q_i's handler republishes to q_{i+1}), `handler` last,
+    on a driver of `DRIVERS` (queues on a server get names of their own, gone a minute after
+    the run on RabbitMQ, and are purged by `cleanup`)."""
     root = Path(tempfile.mkdtemp(prefix="rt-bench-"))
-    entries = ["  - {name: mem, kind: queue.driver.memory, lifecycle: {auto_start: true}}"]
+    tag = root.name.removeprefix("rt-bench-")
+    entries = ["  - " + DRIVERS[driver].replace("{root}", str(root)).replace("{tag}", tag)]
     for s in range(1, stages + 1):
-        entries.append(f"  - {{name: q{s}, kind: queue.queue, driver: mem, "
-                       f"driver_options: {{memory: {{max_length: {max_length}}}}}}}")
+        options = {"memory": f"memory: {{max_length: {max_length}}}", "amqp": "amqp: {queue_expiry: 60s}"}.get(driver)
+        name = f", queue_name: 'bench-{tag}-q{s}'" if driver == "amqp" else ""
+        entries.append(f"  - {{name: q{s}, kind: queue.queue, driver: store{name}"
+                       f"{', driver_options: {' + options + '}' if options else ''}}}")
         if s < stages:
             src = f'local queue = require("queue") return function(b) return queue.publish("q{s + 1}", b) end'
             mods = "[queue]"
@@ -62,6 +79,15 @@ def write_app(handler: str, *, concurrency: int = 1, prefetch: int = 10, stages:
                        f"{', ' + limits if limits else ''}}}")
     (root / "app.yaml").write_text("namespace: b\nentries:\n" + "\n".join(entries) + "\n")
     return root
+
+
+def cleanup(app: object) -> None:
+    """Purge the benchmark's queues (on a server they would otherwise stay)."""
+    for bound in list(app.router.queues.values()):  # type: ignore[attr-defined]
+        try:
+            bound.driver.purge(bound.name)
+        except Exception:  # noqa: BLE001 - best effort after a measurement
+            pass
 
 
 def timed(fn: Callable[[], object]) -> float:

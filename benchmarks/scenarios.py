@@ -16,7 +16,8 @@ from runtime.lifecycle.services import ConsumerService
 from runtime.registry import ConsumerSpec
 
 from .baseline import raw_end_to_end_rate, raw_rate
-from .common import COMPUTE_HANDLER, NOOP_HANDLER, payload, peak_rss_mib, rss_mib, write_app
+from .common import COMPUTE_HANDLER, NOOP_HANDLER, cleanup, payload, peak_rss_mib, rss_mib, write_app
+from .peers import peer
 
 LATENCY_HANDLER = """
 local queue = require("queue")
@@ -57,12 +58,13 @@ def calibrate_rounds(target_us: float = 200.0) -> int:
         rounds *= 4
 
 
-def consume(handler: str, n: int, concurrency: int, prefetch: int, limits: str = "") -> dict[str, Any]:
+def consume(handler: str, n: int, concurrency: int, prefetch: int, limits: str = "",
+            driver: str = "memory") -> dict[str, Any]:
     """Publish n messages first (publish rate), then start the consumer (consume rate);
     then the same again with the consumer running while publishing (end-to-end rate).
     `limits`: consumer fields such as "timeout: 10s" or "memory_limit: 64MB"."""
     app = App.load(write_app(handler, concurrency=concurrency, prefetch=prefetch, auto_start_consumers=False,
-                             limits=limits))
+                             limits=limits, driver=driver))
     app.start()
     t0 = time.perf_counter()
     for i in range(n):
@@ -83,20 +85,22 @@ def consume(handler: str, n: int, concurrency: int, prefetch: int, limits: str =
     _wait(lambda: pool.stats()["acked"] >= 2 * n)
     e2e_s = time.perf_counter() - t0
     svc.stop(10)
+    cleanup(app)
     app.stop()
     return {"publish_per_s": n / publish_s, "consume_per_s": n / consume_s, "end_to_end_per_s": n / e2e_s,
             "peak_rss_mib": peak_rss_mib()}
 
 
-def pipeline(n: int, concurrency: int) -> dict[str, Any]:
+def pipeline(n: int, concurrency: int, driver: str = "memory") -> dict[str, Any]:
     """Scenario 3: a handler that republishes to a second queue; both stages consumed."""
-    app = App.load(write_app(NOOP_HANDLER, concurrency=concurrency, prefetch=100, stages=2))
+    app = App.load(write_app(NOOP_HANDLER, concurrency=concurrency, prefetch=100, stages=2, driver=driver))
     with app:
         t0 = time.perf_counter()
         for i in range(n):
             app.publish("b:q1", payload(i))
         _wait(lambda: app.stats()["consumers"]["b:c2"]["acked"] >= n)
         e2e_s = time.perf_counter() - t0
+        cleanup(app)
     return {"end_to_end_per_s": n / e2e_s, "peak_rss_mib": peak_rss_mib()}
 
 
@@ -104,7 +108,7 @@ def latency(rate: float, seconds: float, concurrency: int) -> dict[str, Any]:
     """Scenario 4: publish-to-handler-start latency at a steady publish rate."""
     root = write_app(LATENCY_HANDLER, concurrency=concurrency, prefetch=10)
     yaml = (root / "app.yaml").read_text()
-    (root / "app.yaml").write_text(yaml + "  - {name: lat, kind: queue.queue, driver: mem, "
+    (root / "app.yaml").write_text(yaml + "  - {name: lat, kind: queue.queue, driver: store, "
                                    "driver_options: {memory: {max_length: 1000000}}}\n")
     app = App.load(root)
     n = int(rate * seconds)
@@ -164,7 +168,7 @@ def baseline(handler: str, n: int, threads: int) -> dict[str, Any]:
 
 def run_in_this_process(name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
     fn = {"consume": consume, "pipeline": pipeline, "latency": latency, "startup": startup,
-          "idle_memory": idle_memory, "baseline": baseline}[name]
+          "idle_memory": idle_memory, "baseline": baseline, "peer": peer}[name]
     kwargs = dict(kwargs)
     rounds = kwargs.pop("rounds", None)
     if kwargs.get("handler") == "compute":
