@@ -18,6 +18,11 @@ local type, next, tostring, tonumber, error, pairs = type, next, tostring, tonum
 local floor, huge = math.floor, math.huge
 local setmetatable, getmetatable = setmetatable, getmetatable
 
+-- Under the JIT a byte loop is compiled and beats a pattern search for the short strings of
+-- typical messages; interpreted (a Lua 5.4 state, or LuaJIT with the JIT off), one
+-- pattern search is cheaper than a byte() call per character.
+local JIT_ON = jit ~= nil and jit.status ~= nil and jit.status()
+
 local MAX_ENCODE_DEPTH = 128
 local MAX_DECODE_DEPTH = 512
 
@@ -76,7 +81,21 @@ for i = 0, 31 do
     if not ESCAPES[c] then ESCAPES[c] = format("\\u%04x", i) end
 end
 
+-- A string that is ASCII with nothing to escape: it is valid UTF-8 and encodes as itself in
+-- quotes (most keys and values), found with one scan instead of a cleaning and an escape pass.
+local function plain(s)
+    if JIT_ON then
+        for i = 1, #s do
+            local c = byte(s, i)
+            if c < 32 or c > 126 or c == 34 or c == 92 then return false end
+        end
+        return true
+    end
+    return not find(s, '[%z\1-\31"\\\127-\255]')
+end
+
 local function encode_string(s)
+    if plain(s) then return '"' .. s .. '"' end
     s = utf8_clean(s)
     if find(s, '[%z\1-\31"\\]') then
         s = s:gsub('[%z\1-\31"\\]', ESCAPES)
@@ -96,7 +115,7 @@ local function encode_number(v)
     return format("%.17g", v)
 end
 
-local function valid_utf8(s) return utf8_clean(s) == s end
+local function valid_utf8(s) return plain(s) or utf8_clean(s) == s end
 
 -- mode: "json" (NaN/Inf -> null), "strict" (NaN/Inf and invalid UTF-8 refused: values must
 -- travel unchanged), "lenient" (never fails). fmt: nil for JSON text, or the msgpack
@@ -318,10 +337,6 @@ local function parse_string_from(s, i, j)
     end
 end
 
--- Under the JIT a byte loop is compiled and beats a pattern search for the short strings of
--- typical messages; interpreted (states with a time limit run with the JIT off), one
--- pattern search is cheaper than a byte() call per character.
-local JIT_ON = jit ~= nil and jit.status ~= nil and jit.status()
 
 local function parse_string(s, i)
     -- s[i] is the opening quote

@@ -270,3 +270,52 @@ def test_decode_refuses_malformed_text_alike_on_both_paths(decode_both, text, ph
 def test_decode_strings_alike_on_both_paths(decode_both, text):
     fast, interpreted = decode_both(text)
     assert fast == interpreted == json.loads(text)
+
+
+ENCODE_BOTH = """
+namespace: t
+entries:
+  - {name: mem, kind: queue.driver.memory, lifecycle: {auto_start: true}}
+  - {name: sink, kind: queue.queue, driver: mem, driver_options: {memory: {max_length: 100000}}}
+  - {name: fast, kind: function.lua, source: file://e.lua, modules: [json, queue]}
+  - {name: interpreted, kind: function.lua, source: file://e.lua, modules: [json, queue], timeout: 10s}
+"""
+# json.encode, and the strict encoding queue.publish applies to a body (to a queue nobody reads).
+ENCODE_LUA = """
+local json = require("json")
+local queue = require("queue")
+return function(s)
+  local lenient = json.encode({ k = s, [s] = 1 })
+  local ok, err = queue.publish("t:sink", { k = s, [s] = 1 })
+  return lenient, ok and "sent" or ("error: " .. err:message())
+end
+"""
+
+
+@pytest.fixture(scope="module")
+def encode_both(tmp_path_factory):
+    from conftest import write_app
+
+    from runtime import App
+    root = tmp_path_factory.mktemp("encode")
+    write_app(root, {"app.yaml": ENCODE_BOTH, "e.lua": ENCODE_LUA})
+    app = App.load(root)
+    app.start()
+    yield lambda s: (app.call("t:fast", s), app.call("t:interpreted", s))
+    app.stop()
+
+
+@pytest.mark.parametrize("s", ["plain", "", "with space", "quote\"", "back\\slash", "tab\t", "nul\x00", "del\x7f",
+                               "h\u00e9llo", "\u4e2d\u6587", "\U0001f600", "x" * 3000])
+def test_encode_strings_alike_on_both_paths(encode_both, s):
+    fast, interpreted = encode_both(s)
+    assert fast == interpreted
+    lenient, strict = fast
+    assert json.loads(lenient) == {"k": s, s: 1} and strict == "sent"
+
+
+def test_encode_refuses_invalid_utf8_strictly_and_replaces_it_leniently_on_both_paths(encode_both):
+    fast, interpreted = encode_both(b"bad \xff byte")
+    assert fast == interpreted
+    lenient, strict = fast
+    assert "\ufffd" in json.loads(lenient)["k"] and strict.startswith("error:") and "UTF-8" in strict
