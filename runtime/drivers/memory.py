@@ -37,6 +37,8 @@ class _MemoryQueue:
         self.lock = threading.Lock()
         self.not_empty = threading.Condition(self.lock)
         self.not_full = threading.Condition(self.lock)
+        self.fetchers = 0  # consumers waiting on not_empty (publishes notify only when some are)
+        self.publishers = 0  # publishers waiting on not_full
         self.warned_at = float("-inf")
 
     def promote(self, now: float) -> None:
@@ -81,7 +83,8 @@ class MemoryDriver(Driver):
         with q.lock:
             if not delay and not force and len(messages) == 1 and len(q.items) < q.max_length:
                 q.items.append((messages[0], 1))  # the common case, kept short
-                q.not_empty.notify()
+                if q.fetchers:
+                    q.not_empty.notify()
                 return
             if delay > 0:
                 due = time.monotonic() + delay
@@ -107,7 +110,11 @@ class MemoryDriver(Driver):
             if remaining <= 0:
                 raise PublishTimeout(
                     f"queue '{name}' is full ({q.max_length} messages) and stayed full for {timeout:g}s")
-            q.not_full.wait(min(remaining, CANCEL_POLL) if cancel is not None else remaining)
+            q.publishers += 1
+            try:
+                q.not_full.wait(min(remaining, CANCEL_POLL) if cancel is not None else remaining)
+            finally:
+                q.publishers -= 1
 
     def _warn_if_over(self, q: _MemoryQueue, name: str) -> None:
         if len(q.items) > q.max_length:
@@ -167,15 +174,20 @@ class MemoryConsumer(DriverConsumer):
                     if remaining <= 0:
                         return out
                     due = q.next_due()
-                    q.not_empty.wait(remaining if due is None else max(0.0, min(remaining, due - now)))
+                    q.fetchers += 1
+                    try:
+                        q.not_empty.wait(remaining if due is None else max(0.0, min(remaining, due - now)))
+                    finally:
+                        q.fetchers -= 1
                     if q.delayed:
                         q.promote(time.monotonic())
             items, name, tokens = q.items, self.queue, self._tokens
             while items and len(out) < max_count:
                 message, attempt = items.popleft()
                 out.append(Delivery(name, message, attempt, next(tokens)))
-            q.not_full.notify(len(out))
-            if items:
+            if q.publishers:
+                q.not_full.notify(len(out))
+            if items and q.fetchers:
                 q.not_empty.notify()
         return out
 
