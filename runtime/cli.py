@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .app import App
+from .app import IDLE_CALM, App
 from .errors import ConfigError, InvalidMessage, LuaHandlerError, Problem, RuntimeHostError, ShutdownTimeout
 from .logs import LEVEL_NAMES, configure_logging
 from .lua.convert import LuaErrorValue
@@ -399,6 +399,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             seen = app.activity.value
             while not signals.stop.is_set() and not app.idle():
                 seen = app.activity.wait(seen, 0.05)  # woken by the next message move
+                signals.stop.wait(IDLE_CALM)  # then a pause: a burst of moves costs one check
         else:
             while not signals.stop.wait(0.5):
                 pass
