@@ -190,13 +190,21 @@ class QueueRouter:
     def publish(self, caller_id: str, queue_id: str, body: str, headers_json: str, security: Any = None,
                 delay: Any = None, cancel: threading.Event | None = None) -> str:
         """`body` is the queue codec's encoding made in Lua; for binary codecs its bytes come
-        as the code points 0-255 of a str (lupa hands Lua strings over as UTF-8 text)."""
-        bound = self.bound(queue_id, caller_id.split(":", 1)[0])
+        as the code points 0-255 of a str (lupa hands Lua strings over as UTF-8 text). The
+        per-message path of `queue.publish`: kept flat."""
+        hit = self._resolved.get((queue_id, caller_id))
+        if hit is not None and hit[0] is self.registry and self.queues.get(hit[1].spec.id) is hit[1]:
+            bound = hit[1]
+        else:
+            bound = self.bound(queue_id, caller_id.split(":", 1)[0])
+            self._resolved[(queue_id, caller_id)] = (self.registry, bound)
         if self.authorize is not None:
             self.authorize(security, caller_id, bound.spec.id)
-        headers = json.loads(headers_json) if headers_json else {}
-        message = Message.new(bound.codec.from_lua(body), headers)
-        bound.put(message, self.publish_timeout, cancel, delay=check_delay(delay))
+        message = Message.new(bound.codec.from_lua(body), json.loads(headers_json) if headers_json else None)
+        if not bound.accepting:
+            raise QueueUnavailable(f"queue '{bound.spec.id}' is stopped")
+        bound.driver.publish(bound.name, (message,), self.publish_timeout, cancel,
+                             delay=0.0 if delay is None else check_delay(delay))
         return message.id
 
     def info(self, caller_id: str, queue_id: str) -> dict[str, Any]:
