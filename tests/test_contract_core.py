@@ -80,6 +80,27 @@ def test_ack_removes_for_good_and_a_second_settle_is_refused(h: Harness) -> None
     assert h.get(q, 10, 0.2) == [], "an acked message is never delivered again"
 
 
+def test_ack_many_acks_each_once_and_refuses_what_is_no_longer_in_flight(h: Harness) -> None:
+    # What a worker does with the acked messages of a batch (runtime/queue/consumer.py).
+    q = h.queue()
+    h.put(q, *[msg(i) for i in range(6)])
+    c = h.c(q)
+    got = h.get(q, 6)
+    while len(got) < 6:
+        more = h.get(q, 6 - len(got))
+        assert more, "all six are delivered"
+        got += more
+    released = got[5]
+    assert c.release([released]) == 1
+    assert c.ack_many(got[:3]) == 3
+    assert c.ack_many(got) == 2, "the first three were acked already and the released one is not in flight"
+    assert c.ack_many(got) == 0
+    again = h.get(q, 10)
+    assert ids(again) == ["5"], "only the released message comes back"
+    assert c.ack_many(again) == 1
+    assert h.get(q, 10, 0.2) == []
+
+
 def test_retry_redelivers_the_same_message_with_the_attempt_raised(h: Harness) -> None:
     q = h.queue()
     h.put(q, msg("a", k="v"))
