@@ -390,6 +390,12 @@ class RedisDriver(Driver):
         if not self._bg_wake.is_set():
             self._bg_wake.set()
 
+    def _queue_acks(self, queue: str, entry_ids: list[bytes]) -> None:
+        """Acks of a batch: queued together, one wake-up of the writer."""
+        self._acks.extend((queue, eid) for eid in entry_ids)
+        if not self._bg_wake.is_set():
+            self._bg_wake.set()
+
     def _take_acks(self) -> dict[str, list[bytes]]:
         by_queue: dict[str, list[bytes]] = {}
         pop = self._acks.popleft
@@ -576,6 +582,9 @@ class RedisConsumer(DriverConsumer):
     # -- settling -----------------------------------------------------------------------------
     def _ack(self, d: Delivery) -> None:
         self.driver._queue_ack(self.queue, d.token[0])
+
+    def _ack_many(self, deliveries: list[Delivery]) -> None:
+        self.driver._queue_acks(self.queue, [d.token[0] for d in deliveries])
 
     def _retry(self, d: Delivery, delay: float) -> None:
         dr = self.driver

@@ -393,6 +393,12 @@ class SqliteDriver(Driver):
         if not self._bg_wake.is_set():
             self._bg_wake.set()
 
+    def _ack_all(self, deliveries: list[Delivery]) -> None:
+        """Acks of a batch: queued together, one wake-up of the writer."""
+        self._settles.extend((_ACK, d.queue, d.token[0], d.token[1], 0.0) for d in deliveries)
+        if not self._bg_wake.is_set():
+            self._bg_wake.set()
+
     def _claim(self, queue: str, max_count: int) -> tuple[list[Delivery], float | None]:
         """Claim up to max_count deliveries; with none, also when to look again (the next
         delayed message due or lease running out), if anything is waiting."""
@@ -487,6 +493,9 @@ class SqliteConsumer(DriverConsumer):
 
     def _ack(self, d: Delivery) -> None:
         self.driver._settle(_ACK, d)
+
+    def _ack_many(self, deliveries: list[Delivery]) -> None:
+        self.driver._ack_all(deliveries)
 
     def _retry(self, d: Delivery, delay: float) -> None:
         if delay > 0:
