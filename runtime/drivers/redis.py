@@ -432,8 +432,8 @@ class RedisDriver(Driver):
         self._acks.extendleft((q, eid) for q, ids in reversed(list(acks.items())) for eid in reversed(ids))
 
     def _flush_acks(self, client: redis.Redis) -> None:
-        if not self._acks:
-            return
+        # Under the lock even with nothing queued: acks the background thread has taken and
+        # is writing now must be written before the caller (stats, a retry) reads the stream.
         with self._flush_lock:
             acks = self._take_acks()
             if not acks:
