@@ -586,8 +586,10 @@ end
 --   ctl[0]  set by the host (from any thread) when the worker stops: no further message starts
 --   ctl[1]  the batch index of the message running now, read by the host if it abandons the worker
 -- After BATCH_TIME seconds the batch returns early, so messages waiting behind a slow one
--- go back to the shared buffer for other workers. `durs` (double[]), when the host measures
--- handler durations, gets each message's time.
+-- go back to the shared buffer for other workers. `durs` (double[total + 1]): each message's
+-- time when the host measures handler durations (`timed`), and in durs[total] always the time
+-- the call has spent running messages so far (the host's measure of a slow handler, which
+-- waiting for the GIL after the call does not inflate).
 -- deliver_batch(timeout, timed, n, body1, attempt1, ...) ->
 --   k                              messages 1..k acked; k < n: the rest did not start
 --   k, status, msg, tb, kind       messages 1..k acked, message k + 1 ended as `status`
@@ -595,7 +597,7 @@ local BATCH_TIME = 0.005
 local ok_ffi, ffi = pcall(require, "ffi")
 if not ok_ffi then ffi = nil end
 
-function host.batch_deliverer(id, ctl_address, durs_address)
+function host.batch_deliverer(id, ctl_address, durs_address, total)
     local entry = loaded[id]
     if ffi == nil or entry == nil or entry.fn == nil then return nil end
     local fn = entry.fn
@@ -604,13 +606,17 @@ function host.batch_deliverer(id, ctl_address, durs_address)
     return function(timeout, timed, n, ...)
         local args = { ... }
         local started = clock()
+        local now = started
+        durs[total] = 0
         for i = 1, n do
             if ctl[0] ~= 0 then return i - 1 end
-            local t0 = clock()
-            if i > 1 and t0 - started > BATCH_TIME then return i - 1 end
+            if i > 1 and now - started > BATCH_TIME then return i - 1 end
             ctl[1] = i
             local status, msg, tb, kind = deliver_one(fn, args[2 * i - 1], nil, false, args[2 * i], timeout, i)
-            if timed then durs[i - 1] = clock() - t0 end
+            local t1 = clock()
+            if timed then durs[i - 1] = t1 - now end
+            now = t1
+            durs[total] = now - started
             if status ~= ACK then return i - 1, status, msg, tb, kind end
         end
         return n

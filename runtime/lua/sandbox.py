@@ -154,7 +154,7 @@ class LuaSandbox:
         # The control block of batch calls (see BATCHES in sandbox.lua), owned here so it
         # lives exactly as long as the state: [0] stop, [1] the running message's index.
         self._ctl = (ctypes.c_int32 * 2)()
-        self._durs = (ctypes.c_double * BATCH_MAX)()
+        self._durs = (ctypes.c_double * (BATCH_MAX + 1))()  # [BATCH_MAX]: the call's running time
         self.batches = not self.metered and ENGINE == "luajit21"
         self._glue = glue
         if memory_limit is not None:
@@ -304,7 +304,8 @@ class LuaSandbox:
         deliver = self._batchers.get(entry_id)
         if deliver is None:
             self.ensure_loaded(entry_id)
-            deliver = self.host.batch_deliverer(entry_id, ctypes.addressof(self._ctl), ctypes.addressof(self._durs))
+            deliver = self.host.batch_deliverer(entry_id, ctypes.addressof(self._ctl), ctypes.addressof(self._durs),
+                                                BATCH_MAX)
             if deliver is None:
                 raise RuntimeError("this Lua state cannot take batches")
             self._batchers[entry_id] = deliver
@@ -316,6 +317,11 @@ class LuaSandbox:
         """The 1-based index, within the batch call running now, of the message it runs
         (0 before the first); read from another thread."""
         return int(self._ctl[1])
+
+    def ran_for(self) -> float:
+        """Seconds the last batch call spent running messages (measured in Lua: time spent
+        waiting for the GIL after it does not count)."""
+        return float(self._durs[BATCH_MAX])
 
     def durations(self, n: int) -> list[float]:
         """The handler times of the first n messages of the last batch call (when timed)."""

@@ -103,6 +103,8 @@ class ConsumerPool:
         self.source: DriverConsumer | None = None
         self._buffer: deque[Delivery] = deque()
         self._refill = threading.Lock()
+        self._busy = 0  # workers holding a batch (under _busy_lock), for the fair share of the buffer
+        self._busy_lock = threading.Lock()
         self._stopping = threading.Event()
         self._go = threading.Event()  # workers take messages once the driver consumer exists
         self.started = False
@@ -175,10 +177,21 @@ class ConsumerPool:
             self._refill.release()
         return self._pop(most) or None
 
+    @staticmethod
+    def _unstarted(w: _Worker) -> int:
+        """How many messages of a worker's batch have not started (read from another thread:
+        a close estimate is enough)."""
+        batch = w.batch
+        if not batch:
+            return 0
+        if w.batches and w.handler is not None:
+            return max(0, len(batch) - w.start - max(w.handler.running(), 1))  # type: ignore[attr-defined]
+        return len(batch) - 1
+
     def _pop(self, most: int) -> list[Delivery]:
         buffer = self._buffer
-        if most > 1:  # a fair share: what is there, split between the workers
-            most = min(most, -(-len(buffer) // len(self.workers)))
+        if most > 1:  # a fair share: what is there, split between the workers with nothing to do
+            most = min(most, -(-len(buffer) // max(1, len(self.workers) - self._busy)))
         got: list[Delivery] = []
         try:
             while len(got) < most:
@@ -190,7 +203,7 @@ class ConsumerPool:
     def _fill(self, timeout: float) -> None:
         assert self.source is not None
         # Messages waiting in the workers' batches are still "prefetched": they count.
-        waiting = sum(len(w.batch) - 1 for w in self.workers if w.batch)
+        waiting = sum(self._unstarted(w) for w in self.workers)
         try:
             self._buffer.extend(self.source.fetch(max(1, self.spec.prefetch - waiting), timeout))
         except DriverUnavailable as exc:
@@ -215,6 +228,8 @@ class ConsumerPool:
             self.source.release(batch)
             return False
         w.batch = batch
+        with self._busy_lock:
+            self._busy += 1
         try:
             if w.batches:
                 self._run_batch(w, batch)
@@ -223,6 +238,8 @@ class ConsumerPool:
                     self._run_one(w, d)
         finally:
             w.batch = None
+            with self._busy_lock:
+                self._busy -= 1
         return True
 
     def _run_one(self, w: _Worker, d: Delivery) -> None:
@@ -263,12 +280,11 @@ class ConsumerPool:
         start, n, timed = 0, len(batch), self.timed
         while start < n:
             w.start = start
-            began = perf_counter()
             try:
                 k, out, durations = handler.handle_batch(batch, start, w.settle, timed)  # type: ignore[attr-defined]
                 ran = k - start + (out is not None)
                 if ran:
-                    w.most = 1 if perf_counter() - began > SLOW_MESSAGE * ran else BATCH_MAX
+                    w.most = 1 if handler.ran_for() > SLOW_MESSAGE * ran else BATCH_MAX  # type: ignore[attr-defined]
             except Exception as exc:  # noqa: BLE001 - a host bug: the message it was on fails, the rest go on
                 self._internal_error(w, batch[start], exc)
                 w.counters.processed += 1

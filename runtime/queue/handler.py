@@ -55,7 +55,11 @@ class BatchHandler(Handler, Protocol):
 
     def running(self) -> int:
         """Index in the batch call running now of the message it runs (1-based; 0 before
-        the first). Read from another thread when the pool abandons the worker."""
+        the first). Read from another thread (the pool's refill and stop)."""
+        ...
+
+    def ran_for(self) -> float:
+        """Seconds the last handle_batch spent running its messages."""
         ...
 
 
@@ -69,6 +73,7 @@ class LuaHandler:
         self.timeout = timeout
         self._json_body = isinstance(codec, JsonCodec)
         self._stopped = False
+        self._ran_for = 0.0
         self.sandbox = self._new_sandbox()
         # Batches need the FFI control block (LuaJIT states without a memory limit) and a body
         # Lua decodes itself (JSON).
@@ -124,6 +129,7 @@ class LuaHandler:
         finally:
             bridge.settler = None
             bridge.batch = None
+            self._ran_for = sandbox.ran_for()  # before a time limit may replace the state
         if result.__class__ is int:  # the hot path: every message of the call acked (or not started)
             return start + result, None, sandbox.durations(result) if timed else None
         k, status, error, tb, kind, *_ = result + (None,) * 4
@@ -132,6 +138,9 @@ class LuaHandler:
 
     def running(self) -> int:
         return self.sandbox.running()
+
+    def ran_for(self) -> float:
+        return self._ran_for
 
     def _outcome(self, status: int, error: str | None, tb: str | None, kind: str | None) -> Outcome:
         sandbox = self.sandbox
