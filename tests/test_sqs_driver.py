@@ -421,3 +421,13 @@ def test_a_message_from_another_sqs_producer_reaches_the_handler(sqs_app: Callab
     (d,) = take_all(app, "t:seen", 1, wait=20)
     assert json.loads(d.message.body) == {"job": {"from": "elsewhere"}, "source": "billing", "n": 42}
     assert sent["MessageId"]
+
+
+def test_without_boto3_the_error_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    from runtime.drivers import driver_class
+    from runtime.errors import ConfigError
+
+    monkeypatch.setitem(sys.modules, "boto3", None)  # an import of boto3 fails
+    monkeypatch.delitem(sys.modules, "runtime.drivers.sqs", raising=False)
+    with pytest.raises(ConfigError, match=r"pip install 'lua-queue-runtime\[sqs\]'"):
+        driver_class("queue.driver.sqs")

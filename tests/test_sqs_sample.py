@@ -50,12 +50,22 @@ def test_the_sample_runs_to_the_end_with_its_dead_letters() -> None:
                        aws_access_key_id=sqs_support.ACCESS_KEY, aws_secret_access_key=sqs_support.SECRET_KEY)
     try:
         dlq = sqs.get_queue_url(QueueName=f"app_tasks_dlq{suffix}")["QueueUrl"]
-        got = sqs.receive_message(QueueUrl=dlq, MaxNumberOfMessages=10, MessageAttributeNames=["All"])["Messages"]
+        got = sqs.receive_message(QueueUrl=dlq, MaxNumberOfMessages=10, MessageAttributeNames=["All"],
+                              VisibilityTimeout=0)["Messages"]
         assert {json.loads(m["Body"])["id"] for m in got} == FAILING
         for m in got:
             packed = json.loads(m["MessageAttributes"]["x_runtime"]["StringValue"])["h"]
             assert packed["x_attempts"] == 3 and packed["x_original_queue"] == "app:tasks"
             assert packed["x_dead_letter_reason"] == "handler returned false"
+        dlq_list = subprocess.run([sys.executable, "-m", "runtime", "dlq", "list", str(SAMPLE), "app:tasks_dlq",
+                                   "--json"], env=sample_env(suffix), capture_output=True, text=True, timeout=60,
+                                  cwd=REPO)
+        assert dlq_list.returncode == 0, dlq_list.stderr
+        assert sorted(d["attempts"] for d in json.loads(dlq_list.stdout)) == [3] * bad, dlq_list.stdout
+        inspect = subprocess.run([sys.executable, "-m", "runtime", "inspect", str(SAMPLE)], env=sample_env(suffix),
+                                 capture_output=True, text=True, timeout=60, cwd=REPO)
+        assert inspect.returncode == 0 and "app:tasks" in inspect.stdout, inspect.stderr
+        assert sqs_support.SECRET_KEY not in dlq_list.stdout + dlq_list.stderr + inspect.stdout + inspect.stderr
         tasks = sqs.get_queue_url(QueueName=f"app_tasks{suffix}")["QueueUrl"]
         left = sqs.get_queue_attributes(QueueUrl=tasks, AttributeNames=["All"])["Attributes"]
         assert left["ApproximateNumberOfMessages"] == left["ApproximateNumberOfMessagesNotVisible"] == "0"

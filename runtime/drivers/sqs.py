@@ -598,8 +598,7 @@ class SqsConsumer(DriverConsumer):
                 if remaining <= 0:
                     return []
                 self._cond.wait(remaining)
-        n = self._free(max_count)
-        return self._receive(n, 0) if n > 0 else []  # wait=0: one look, at once
+        return self._receive(min(BATCH, max_count), 0)  # wait=0: one look, at once (as the caller asks)
 
     def _receive(self, n: int, wait_seconds: int, client: Any = None) -> list[Delivery]:
         d = self.driver
