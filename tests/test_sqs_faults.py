@@ -12,6 +12,7 @@ import subprocess
 import sys
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqs_support
@@ -113,3 +114,60 @@ def test_kill9_then_the_next_run_gets_the_held_messages_after_the_visibility_tim
         for q in (jobs, done):
             driver.delete_queue(q)
         driver.close()
+
+
+def test_an_unreachable_endpoint_is_unavailable_and_consumers_resume(tmp_path: Path,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from test_amqp_faults import Proxy
+
+    from runtime import App
+    from runtime.errors import DriverUnavailable
+
+    host, port = sqs_support.endpoint().rsplit("/", 1)[-1].split(":")
+    proxy = Proxy((host, int(port)))
+    jobs, done = f"jobs{uuid.uuid4().hex[:8]}", f"done{uuid.uuid4().hex[:8]}"
+    files = app_files(jobs, done)
+    files["app.yaml"] = files["app.yaml"].replace("${env:SQS_ENDPOINT}", f"http://127.0.0.1:{proxy.port}")
+    files["app.yaml"] = files["app.yaml"].replace("lifecycle: {auto_start: true}\n  - name: jobs",
+                                                  "lifecycle: {auto_start: true, restart: {initial_delay: 100ms, "
+                                                  "max_delay: 500ms}}\n  - name: jobs", 1)
+    for key, value in sqs_support.env().items():
+        os.environ.setdefault(key, value)
+    app = App.load(write_app(tmp_path / "app", files))
+    app.start()
+    try:
+        with caplog.at_level(logging.INFO, "runtime"):
+            app.publish("t:jobs", {"id": 1})
+            assert wait_for_done(app, 1)
+            proxy.cut()
+            with pytest.raises(DriverUnavailable):
+                app.publish("t:jobs", {"id": 2})
+            proxy.restore()
+            deadline = __import__("time").monotonic() + 20
+            while True:  # the publisher retries, as an application would
+                try:
+                    app.publish("t:jobs", {"id": 2})
+                    break
+                except DriverUnavailable:
+                    assert __import__("time").monotonic() < deadline, "the endpoint did not come back"
+            assert wait_for_done(app, 2), "the consumer did not resume"
+        text = [r.getMessage() for r in caplog.records]
+        assert any("connection lost" in t for t in text) and any("connection is back" in t for t in text), text
+        assert sum("connection lost" in t for t in text) <= 3, text  # not one per failed request
+    finally:
+        app.stop(10)
+        proxy.close()
+        d = SqsDriver("test:sqs", sqs_support.driver_options())
+        d.open()
+        for q in (jobs, done):
+            d.declare(q, {})
+            d.delete_queue(q)
+        d.close()
+
+
+def wait_for_done(app: Any, n: int, timeout: float = 20.0) -> bool:
+    from conftest import wait_for
+
+    return wait_for(lambda: app.consumer_stats()["t:worker"]["acked"] >= n, timeout, every=0.05)

@@ -348,6 +348,19 @@ class SqsDriver(Driver):
         # and returns what it got.
         self._client = None
 
+    def _ok(self) -> None:
+        """A request went through: after a lost connection, the endpoint is back (HTTP keeps no
+        connection to reopen, so whichever request works first says so, unless a reconnect by
+        a consumer is under way and says it itself)."""
+        if self.state == "reconnecting" and self._reconnect_lock.acquire(blocking=False):
+            try:
+                if self.state == "reconnecting":
+                    self.state = "open"
+                    self.reconnects += 1
+                    log.info("driver %s: connection is back", self.entry_id)
+            finally:
+                self._reconnect_lock.release()
+
     def _sqs(self) -> Any:
         client = self._client
         if client is None:
@@ -438,6 +451,7 @@ class SqsDriver(Driver):
                                          f"{self.describe_error(exc)}") from None
                 raise DriverError(f"driver {self.entry_id}: cannot publish to '{queue}': "
                                   f"{self.describe_error(exc)}") from None
+            self._ok()
             failed = response.get("Failed") or []
             if not failed:
                 return
@@ -534,6 +548,7 @@ class SqsDriver(Driver):
                     left = [t for _, c in chunks[n:] for t in c]
                     self._acks.extendleft(reversed(left))  # kept, in their order, for the next try
                     raise
+                self._ok()
                 for f in response.get("Failed") or []:
                     log.warning("driver %s: SQS did not delete an acked message (%s: %s); it may be delivered "
                                 "again", self.entry_id, f.get("Code"), f.get("Message"))
@@ -607,6 +622,7 @@ class SqsConsumer(DriverConsumer):
         if self.own_visibility:
             kwargs["VisibilityTimeout"] = self.visibility
         response = (client or d._sqs()).receive_message(**kwargs)
+        d._ok()
         out = []
         for m in response.get("Messages") or []:
             try:
@@ -634,6 +650,12 @@ class SqsConsumer(DriverConsumer):
             client = self.driver._client
             got: list[Delivery] = []
             error: BaseException | None = None
+            if client is None:  # the driver is reconnecting (or closing): look again shortly
+                with self._cond:
+                    self._receiving = False
+                    self._want = max(self._want, n)
+                    self._cond.wait(RECEIVE_PAUSES[0])
+                continue
             try:
                 got = self._receive(n, self.wait_time, client)
                 failures = 0
