@@ -292,9 +292,9 @@ def test_a_retry_delay_beyond_15_minutes_is_clamped_and_said_once(sqs_app: Calla
     with caplog.at_level(logging.WARNING, "runtime.driver.sqs"):
         assert c.retry(got[0], 3600) and c.retry(got[1], 7200)
     assert [kw["VisibilityTimeout"] for kw in spy.of("change_message_visibility")] == [900, 900]
-    assert [r.getMessage() for r in caplog.records].count(
-        "driver t:sqs: a retry delay of 3600s is longer than SQS allows; delays are clamped to 900s (15 minutes); "
-        "said once") == 1 and len(caplog.records) == 1
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert warnings == ["driver t:sqs: a retry delay of 3600s is longer than SQS allows; delays are clamped to 900s "
+                        "(15 minutes); said once"]
     st = bound.driver.stats(bound.name)
     assert (st.ready, st.in_flight, st.exact) == (0, 2, False)
     c.close()
@@ -328,7 +328,7 @@ dead_letter: {queue: dead, max_attempts: 3}
     h = dead[0].message.headers
     assert (h["x_attempts"], h["x_original_queue"], h["k"]) == (3, "t:jobs", "v")
     assert "attempt 3" in h["x_dead_letter_reason"]
-    assert app.consumer_stats()["t:worker"]["dead_lettered"] == 1
+    assert wait_for(lambda: app.consumer_stats()["t:worker"]["dead_lettered"] == 1, 5)  # counted after the publish
 
 
 # -- headers, FIFO, other producers -------------------------------------------------------------
