@@ -710,6 +710,13 @@ class SqsConsumer(DriverConsumer):
         self.driver._queue_ack(self.url, d.token[0], d.token[1])
         self._wake()
 
+    def _ack_many(self, deliveries: list[Delivery]) -> None:
+        """Several acks (DriverConsumer.ack_many): queued together, one wake-up."""
+        for d in deliveries:
+            self.driver._acks.append((self.url, d.token[0], d.token[1]))
+        self.driver._bg_wake.set()
+        self._wake()
+
     def _retry(self, d: Delivery, delay: float) -> None:
         try:
             self.driver._sqs().change_message_visibility(QueueUrl=self.url, ReceiptHandle=d.token[0],
