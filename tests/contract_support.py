@@ -23,6 +23,11 @@ from runtime.drivers.amqp import AmqpDriver
 from runtime.drivers.memory import MemoryDriver
 from runtime.drivers.redis import RedisDriver
 from runtime.drivers.sqlite import SqliteDriver
+
+try:
+    from runtime.drivers.sqs import SqsDriver
+except ImportError:  # no boto3: the sqs factory's gate says so
+    SqsDriver = None  # type: ignore[assignment,misc]
 from runtime.queue.driver import Delivery, Driver, DriverConsumer
 from runtime.queue.message import Message
 
@@ -39,6 +44,8 @@ class DriverFactory:
     bounded: Callable[[int], dict[str, Any]]  # queue options limiting the ready count to n
     unbounded: dict[str, Any] = field(default_factory=dict)
     engine: tuple[str, int] | None = None  # (host, port) of the server it needs, if any
+    gate: Callable[[], None] | None = None  # skips (or fails under CI) when the driver cannot run here
+    load: int = 1500  # messages per producer in the load test, a multiple of 50 (a slow test double gets fewer)
 
 
 def _sqlite(tmp: Path) -> Driver:
@@ -52,6 +59,18 @@ def _redis(tmp: Path) -> Driver:
                                       "claim_interval": 1.0, "claim_min_idle": 5.0})
 
 
+def _sqs(tmp: Path) -> Driver:
+    import sqs_support  # a local endpoint: moto's server, shared by the session
+
+    return SqsDriver("test:sqs", sqs_support.driver_options())
+
+
+def _sqs_gate() -> None:
+    import sqs_support
+
+    sqs_support.sqs_gate()
+
+
 FACTORIES = [
     DriverFactory("memory", lambda tmp: MemoryDriver("test:memory"), lambda n: {"max_length": n}),
     DriverFactory("sqlite", _sqlite, lambda n: {"max_length": n}),
@@ -59,12 +78,15 @@ FACTORIES = [
     DriverFactory("amqp", lambda tmp: AmqpDriver("test:amqp", {"url": AMQP_URL, "reconnect_delay": 0.2}),
                   lambda n: {"max_length": n, "queue_expiry": 600.0}, {"queue_expiry": 600.0},
                   engine=("127.0.0.1", 5672)),
+    # moto's server takes a few ms per message (it is a test double): a smaller load test.
+    DriverFactory("sqs", _sqs, lambda n: {}, gate=_sqs_gate, load=50),
 ]
-CLASSES = {"memory": MemoryDriver, "sqlite": SqliteDriver, "redis": RedisDriver, "amqp": AmqpDriver}
+CLASSES = {"memory": MemoryDriver, "sqlite": SqliteDriver, "redis": RedisDriver, "amqp": AmqpDriver,
+           "sqs": SqsDriver}
 
 
 def factories_with(capability: str) -> list[DriverFactory]:
-    return [f for f in FACTORIES if getattr(CLASSES[f.name].capabilities, capability)]
+    return [f for f in FACTORIES if CLASSES[f.name] is not None and getattr(CLASSES[f.name].capabilities, capability)]
 
 
 def engine_reachable(host: str, port: int) -> bool:
@@ -77,6 +99,8 @@ def engine_reachable(host: str, port: int) -> bool:
 
 def engine_gate(factory: DriverFactory) -> None:
     """Skip without the factory's engine on a laptop; fail under CI=true."""
+    if factory.gate is not None:
+        factory.gate()
     if factory.engine is None:
         return
     host, port = factory.engine

@@ -369,7 +369,9 @@ _FIELD_VALUES: dict[str, st.SearchStrategy[Any]] = {
     **{k: _scalars for k in (
         "url", "vhost", "connection_name", "auth_mechanism", "heartbeat", "connection_timeout", "reconnect_delay",
         "reconnect_max_delay", "default_message_ttl", "default_queue_ttl", "default_queue_expiry",
-        "prefetch_count", "frame_size", "channel_max")},
+        "prefetch_count", "frame_size", "channel_max", "config", "endpoint", "message_retention_period",
+        "default_delay_seconds", "use_fips", "region", "access_key_id", "secret_access_key", "session_token",
+        "region_env", "access_key_id_env")},
     "tls": st.fixed_dictionaries({}, optional={k: _scalars for k in ("enabled", "cert", "key", "ca", "cert_env",
                                                                      "server_name")}) | _values,
     "retry": st.fixed_dictionaries({}, optional={
@@ -385,6 +387,10 @@ _KIND_FIELDS = {
                           "connection_timeout", "reconnect_delay", "reconnect_max_delay", "default_message_ttl",
                           "default_queue_ttl", "default_queue_expiry", "prefetch_count", "frame_size",
                           "channel_max", "tls"],
+    "queue.driver.sqs": ["lifecycle", "config", "endpoint", "message_retention_period", "default_delay_seconds",
+                         "use_fips"],
+    "config.aws": ["region", "access_key_id", "secret_access_key", "session_token", "region_env",
+                   "access_key_id_env"],
     "queue.queue": ["driver", "queue_name", "codec", "options", "driver_options", "dead_letter", "retry"],
     "queue.consumer": ["queue", "func", "concurrency", "prefetch", "auto_ack", "driver_options", "lifecycle",
                        "timeout", "memory_limit"],

@@ -201,7 +201,7 @@ def test_two_consumers_compete_each_message_once(h: Harness) -> None:
 
 @pytest.mark.timeout(90)
 def test_under_load_from_many_threads_every_message_is_acked_exactly_once(h: Harness) -> None:
-    producers, consumers, per_producer = 4, 4, 1500
+    producers, consumers, per_producer = 4, 4, h.factory.load
     total = producers * per_producer
     q = h.queue()
     acked: list[list[str]] = [[] for _ in range(consumers)]

@@ -48,7 +48,7 @@ import pika.exceptions
 from ..errors import Canceled, ConfigError, DriverError, InvalidMessage, PublishTimeout, QueueUnavailable
 from ..queue.driver import Capabilities, Delivery, Driver, DriverConsumer, QueueStats
 from ..queue.message import Message
-from ..registry.drivers import mask_url
+from ..registry.drivers import env_name, mask_url
 from . import amqp_wire as wire
 from .amqp_link import Admin, AmqpUnavailable, ChannelRefused, Link, Publisher
 
@@ -145,7 +145,7 @@ class AmqpDriver(Driver):
             env = tls.get(f"{field}_env")
             if tls.get(field) and env:
                 raise ConfigError(f"driver {self.entry_id}: tls.{field} and tls.{field}_env are both set")
-            return os.environ.get(env) if env else tls.get(field)
+            return os.environ.get(env_name(env)) if env else tls.get(field)
 
         cert, key, ca = pem("cert"), pem("key"), pem("ca")
         if bool(cert) != bool(key):

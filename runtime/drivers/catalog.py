@@ -15,8 +15,11 @@ from typing import Any
 class Option:
     """One option field. `type`: int, duration, text, bool, choice, mapping, list, any, url
     (`choices` are the allowed schemes; a problem shows it with the password masked), pem (PEM
-    text, or a file that must exist, relative to the definition file) and env (the name of an
-    environment variable that must be set). A mapping with `fields` is checked by that schema."""
+    text, or a file that must exist, relative to the definition file), env (the name of an
+    environment variable that must be set; a Wippy env registry ID `ns:NAME` names NAME) and
+    ref (the ID of another entry, of a kind in `choices`: the registry puts that entry's
+    options in its place once every file is read). A mapping with `fields` is checked by that
+    schema."""
 
     type: str
     default: Any = None
@@ -26,6 +29,7 @@ class Option:
     secret: bool = False  # never shown in logs, errors or output
     help: str = ""
     fields: dict[str, Option] | None = None  # the schema of a nested mapping
+    required: bool = False  # a problem when absent
 
 
 @dataclass(frozen=True)
@@ -35,6 +39,33 @@ class DriverKind:
     fields: dict[str, Option] = field(default_factory=dict)  # on the driver entry
     queue_options: dict[str, Option] = field(default_factory=dict)  # queue driver_options.<key>
     consumer_options: dict[str, Option] = field(default_factory=dict)  # consumer driver_options.<key>
+
+
+@dataclass(frozen=True)
+class ConfigKind:
+    """A `config.*` entry kind: settings that drivers share by reference (a `ref` option)."""
+
+    fields: dict[str, Option]
+    one_of: tuple[tuple[str, ...], ...] = ()  # groups of fields of which at least one must be given
+
+
+CONFIG_KINDS: dict[str, ConfigKind] = {
+    # Wippy's AWS settings, shared by queue.driver.sqs (and, in Wippy, cloudstorage.s3). Values may
+    # be `${env:NAME}`; the older `*_env` fields name a variable instead (Wippy deprecates them).
+    "config.aws": ConfigKind(
+        fields={
+            "region": Option("text"),
+            "access_key_id": Option("text", secret=True),
+            "secret_access_key": Option("text", secret=True),
+            "session_token": Option("text", secret=True),
+            "region_env": Option("env"),
+            "access_key_id_env": Option("env"),
+            "secret_access_key_env": Option("env"),
+            "session_token_env": Option("env"),
+        },
+        one_of=(("region", "region_env"),),
+    ),
+}
 
 
 DRIVER_KINDS: dict[str, DriverKind] = {
@@ -118,6 +149,29 @@ DRIVER_KINDS: dict[str, DriverKind] = {
             "no_local": Option("bool", False),
             "no_wait": Option("bool", False),
             "consumer_tag": Option("text"),
+        },
+    ),
+    "queue.driver.sqs": DriverKind(
+        "runtime.drivers.sqs:SqsDriver",
+        extra="sqs",
+        fields={
+            "config": Option("ref", choices=("config.aws",), required=True, help="a config.aws entry"),
+            "endpoint": Option("url", None, choices=("http", "https"), help="e.g. a local endpoint"),
+            "message_retention_period": Option("int", 0, minimum=0, maximum=1209600,
+                                               help="seconds, 60..1209600; 0 means the AWS default (4 days)"),
+            "default_delay_seconds": Option("int", 0, minimum=0, maximum=900),
+            "disable_message_checksum_validation": Option("bool", False),
+            "use_fips": Option("bool", False),
+            "use_dual_stack": Option("bool", False),
+        },
+        queue_options={
+            "default_visibility_timeout": Option("duration", None, minimum=0.0, maximum=43200.0,
+                                                 help="whole seconds; unset keeps the queue's (30s on a new one)"),
+        },
+        consumer_options={
+            "visibility_timeout": Option("duration", None, minimum=0.0, maximum=43200.0,
+                                         help="whole seconds; unset means the queue's"),
+            "wait_time": Option("duration", 20.0, minimum=0.0, maximum=20.0, help="long polling, whole seconds"),
         },
     ),
 }

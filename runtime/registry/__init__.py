@@ -6,14 +6,16 @@ The registry knows nothing of running things: it reads and checks definitions on
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TypeVar
 
+from ..drivers.catalog import DRIVER_KINDS
 from ..errors import Problem
 from .fields import Ref, parse_duration, parse_size, suggest
 from .kinds import (
     KIND_PARSERS,
+    ConfigSpec,
     ConsumerSpec,
     DriverSpec,
     EntrySpec,
@@ -32,7 +34,7 @@ from .validate import check_cycles, check_queue_names, check_refs, dependency_gr
 
 __all__ = [
     "Registry", "load_registry", "EntrySpec", "ConsumerSpec", "FunctionSpec", "LibrarySpec",
-    "LuaCodeSpec", "LuaSource", "DriverSpec", "RetryPolicy", "PolicySpec", "ProcessSpec", "QueueSpec",
+    "LuaCodeSpec", "LuaSource", "ConfigSpec", "DriverSpec", "RetryPolicy", "PolicySpec", "ProcessSpec", "QueueSpec",
     "ServiceSpec", "parse_duration", "parse_size", "display_path",
 ]
 
@@ -93,7 +95,29 @@ def load_registry(app_dir: Path) -> tuple[Registry, list[Problem]]:
                 continue
             entries[raw.id] = parser(raw, problems, refs)
     problems += check_refs(entries, refs)
+    resolve_driver_refs(entries)
     problems += check_queue_names(entries)
     graph = dependency_graph(entries, refs)
     problems += check_cycles(entries, graph)
     return Registry(app_dir, entries, graph, files), problems
+
+
+def resolve_driver_refs(entries: dict[str, EntrySpec]) -> None:
+    """Put the options of the entry a driver's `ref` field names (a `config.aws`) in that
+    field's place, with its ID under "id": drivers are built from their options alone, and a
+    change of the referenced entry is a change of the driver. A missing or wrong target is a
+    problem reported by check_refs; the field then stays the bare ID."""
+    for entry_id, spec in list(entries.items()):
+        if not isinstance(spec, DriverSpec):
+            continue
+        schema = DRIVER_KINDS[spec.kind].fields
+        resolved = dict(spec.options)
+        for key, opt in schema.items():
+            target = spec.options.get(key)
+            if opt.type != "ref" or not isinstance(target, str):
+                continue
+            config = entries.get(target)
+            if isinstance(config, ConfigSpec) and config.kind in opt.choices:
+                resolved[key] = {"id": target, **config.options}
+        if resolved != spec.options:
+            entries[entry_id] = replace(spec, options=resolved)

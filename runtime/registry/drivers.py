@@ -16,8 +16,32 @@ from .fields import FieldReader
 DRIVER_OPTION_KEYS = {driver_key(kind): kind for kind in DRIVER_KINDS}
 
 
+class Secret(str):
+    """A secret option value (a password, a key): the text itself for the code that uses it,
+    `'***'` in a repr, so a spec or options dict printed in a log or a traceback shows no
+    secret."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "'***'"
+
+
+def env_name(name: str) -> str:
+    """The environment variable an `*_env` field names: Wippy names an entry of its env
+    registry (`ns:NAME`), which here is the process environment's NAME."""
+    return name.rpartition(":")[2]
+
+
 def read_option(r: FieldReader, key: str, opt: Option) -> Any:
     """One option field, type-checked; its default when absent or wrong."""
+    value = _read_option(r, key, opt)
+    if opt.secret and isinstance(value, str) and not isinstance(value, Secret):
+        return Secret(value)
+    return value
+
+
+def _read_option(r: FieldReader, key: str, opt: Option) -> Any:
     if opt.type == "int":
         return r.number(key, default=opt.default if opt.default is not None else 0,
                         minimum=int(opt.minimum) if opt.minimum is not None else None,
@@ -44,10 +68,12 @@ def read_option(r: FieldReader, key: str, opt: Option) -> Any:
     if opt.type == "pem":
         return _read_pem(r, key)
     if opt.type == "env":
-        name = r.text(key)
-        if name is not None and ("\0" in name or os.environ.get(name) is None):
-            r.problem(key, f"environment variable '{name}' is not set")
+        name = r.text(key, required=opt.required)
+        if name is not None and ("\0" in name or os.environ.get(env_name(name)) is None):
+            r.problem(key, f"environment variable '{env_name(name)}' is not set")
         return name
+    if opt.type == "ref":
+        return r.ref(key, opt.choices, required=opt.required)
     if opt.type == "mapping" and opt.fields is not None:
         sub = r.sub(key)
         if sub is None:
@@ -56,7 +82,7 @@ def read_option(r: FieldReader, key: str, opt: Option) -> Any:
         sub.finish()
         return values
     if opt.type == "text":
-        return r.text(key, default=opt.default)
+        return r.text(key, default=opt.default, required=opt.required)
     if opt.type == "mapping":
         return r.mapping(key) if key in r.data else opt.default
     if opt.type == "list":

@@ -13,11 +13,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..drivers.catalog import CONFIG_KINDS
 from ..drivers.catalog import DRIVER_KINDS as DRIVER_CATALOG
 from ..errors import Problem
 from .drivers import read_driver_options, read_options
 from .fields import FieldReader, Ref, suggest
-from .sources import RawEntry, SourceText
+from .sources import RawEntry, SourceText, Unresolved
 from .yaml_lines import LineList
 
 MAX_CONCURRENCY = 1000
@@ -99,6 +100,14 @@ class LuaSource:
 @dataclass(frozen=True)
 class DriverSpec(EntrySpec):
     """A `queue.driver.*` entry; `options` holds its fields, typed by the driver catalog."""
+
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ConfigSpec(EntrySpec):
+    """A `config.*` entry (`config.aws`): settings drivers take by reference. Secret values
+    are `Secret` strings, shown as '***' in a repr."""
 
     options: dict[str, Any] = field(default_factory=dict)
 
@@ -299,6 +308,18 @@ def parse_driver(raw: RawEntry, problems: list[Problem], refs: list[Ref]) -> Ent
     return DriverSpec(**common, options=options)
 
 
+def parse_config(raw: RawEntry, problems: list[Problem], refs: list[Ref]) -> EntrySpec:
+    r = _reader(raw, problems, refs)
+    common = _common(r, raw)
+    kind = CONFIG_KINDS[raw.kind]
+    options = read_options(r, kind.fields)
+    for group in kind.one_of:
+        if not any(isinstance(r.data.get(key), Unresolved) or r.data.get(key) not in (None, "") for key in group):
+            r.problem(None, f"needs {' or '.join(repr(k) for k in group)}")
+    r.finish()
+    return ConfigSpec(**common, options=options)
+
+
 def _retry(r: FieldReader) -> RetryPolicy:
     rs = r.sub("retry")
     if rs is None:
@@ -457,6 +478,7 @@ Parser = Callable[[RawEntry, list[Problem], list[Ref]], EntrySpec]
 
 KIND_PARSERS: dict[str, Parser] = {
     **{kind: parse_driver for kind in DRIVER_CATALOG},
+    **{kind: parse_config for kind in CONFIG_KINDS},
     "queue.queue": parse_queue,
     "queue.consumer": parse_consumer,
     "function.lua": parse_function,

@@ -18,7 +18,9 @@ from ..errors import Problem
 from .yaml_lines import LineDict, LineList, YamlProblem, decode_text, load_yaml, reread_scalar
 
 _SKIP_DIRS = {"node_modules", "__pycache__"}
-_ENV_RE = re.compile(r"\$\{env:([A-Za-z_][A-Za-z0-9_]*)(?:\|([^}]*))?\}")
+# `${env:NAME}`, `${env:NAME|default}`; Wippy's `${env:ns:NAME}` names an entry of its env
+# registry, which here is the process environment's NAME.
+_ENV_RE = re.compile(r"\$\{env:(?:[A-Za-z0-9_.\-]+:)?([A-Za-z_][A-Za-z0-9_]*)(?:\|([^}]*))?\}")
 _ENV_ANY_RE = re.compile(r"\$\{env:[^}]*\}")
 MAX_INCLUDE_BYTES = 8 * 1024 * 1024
 
