@@ -75,18 +75,27 @@ def test_chaos_soak(tmp_path, caplog, monkeypatch):
     rss_before = _rss_mib()
     app.start()
     acked: collections.Counter[str] = collections.Counter()
-    real_ack = MemoryConsumer._ack
+    real_ack, real_ack_many = MemoryConsumer._ack, MemoryConsumer._ack_many
     lock = threading.Lock()
+
+    def record(deliveries):
+        with lock:
+            for d in deliveries:
+                if d.queue == "work":
+                    acked[d.message.id] += 1
 
     def recording_ack(self, delivery):
         real_ack(self, delivery)
-        if delivery.queue == "work":
-            with lock:
-                acked[delivery.message.id] += 1
+        record([delivery])
 
-    # The ground truth: the driver primitive runs only for a delivery the base class found
+    def recording_ack_many(self, deliveries):  # the acked messages of a batch
+        real_ack_many(self, deliveries)
+        record(deliveries)
+
+    # The ground truth: the driver primitives run only for deliveries the base class found
     # in flight, i.e. what the driver really removed.
     monkeypatch.setattr(MemoryConsumer, "_ack", recording_ack)
+    monkeypatch.setattr(MemoryConsumer, "_ack_many", recording_ack_many)
     ids = {app.publish("chaos:work", {"n": i, "poison": i % 2000 == 0}) for i in range(N)}
     assert len(ids) == N
 
