@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import resource
 import tempfile
 import textwrap
+import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 PAYLOAD = {"numbers": list(range(1, 11)), "text": "hello"}
 
@@ -88,6 +92,34 @@ def cleanup(app: object) -> None:
             bound.driver.purge(bound.name)
         except Exception:  # noqa: BLE001 - best effort after a measurement
             pass
+
+
+def driver_pool(consumer: Any, threads: int, n: int, prefetch: int) -> list[threading.Thread]:
+    """Worker threads sharing one DriverConsumer like the consumer pool: a shared buffer, one
+    refill (fetch of the free prefetch slots) at a time, each delivery acked."""
+    buf: deque[Any] = deque()
+    fetch_lock = threading.Lock()
+    acked = itertools.count(1)
+    done = threading.Event()
+
+    def worker() -> None:
+        pop, ack = buf.popleft, consumer.ack
+        while not done.is_set():
+            try:
+                d = pop()
+            except IndexError:
+                with fetch_lock:
+                    if not buf and not done.is_set():
+                        buf.extend(consumer.fetch(max(1, prefetch - consumer.in_flight), 0.05))
+                continue
+            ack(d)
+            if next(acked) >= n:
+                done.set()
+
+    ts = [threading.Thread(target=worker, daemon=True) for _ in range(threads)]
+    for t in ts:
+        t.start()
+    return ts
 
 
 def timed(fn: Callable[[], object]) -> float:

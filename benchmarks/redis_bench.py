@@ -37,9 +37,10 @@ import textwrap
 import threading
 import time
 import uuid
-from collections import deque
 from pathlib import Path
 from typing import Any
+
+from .common import driver_pool
 
 ROOT = Path(__file__).resolve().parent.parent
 BODY = b'{"id": 1, "numbers": [1, 2, 3, 4, 5, 6, 7, 8, 9, 10], "text": "hello"}'
@@ -74,31 +75,7 @@ def _driver(url: str, prefix: str) -> Any:
 
 
 def _pool(consumer: Any, threads: int, n: int) -> list[threading.Thread]:
-    """Worker threads sharing one DriverConsumer like the consumer pool: a shared buffer, one
-    refill (fetch of the free prefetch slots) at a time, each delivery acked."""
-    buf: deque[Any] = deque()
-    fetch_lock = threading.Lock()
-    acked = itertools.count(1)
-    done = threading.Event()
-
-    def worker() -> None:
-        pop, ack = buf.popleft, consumer.ack
-        while not done.is_set():
-            try:
-                d = pop()
-            except IndexError:
-                with fetch_lock:
-                    if not buf and not done.is_set():
-                        buf.extend(consumer.fetch(max(1, PREFETCH - consumer.in_flight), 0.05))
-                continue
-            ack(d)
-            if next(acked) >= n:
-                done.set()
-
-    ts = [threading.Thread(target=worker, daemon=True) for _ in range(threads)]
-    for t in ts:
-        t.start()
-    return ts
+    return driver_pool(consumer, threads, n, PREFETCH)
 
 
 def _preload(d: Any, n: int) -> None:

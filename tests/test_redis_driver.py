@@ -72,9 +72,9 @@ def crash(d: RedisDriver) -> None:
     """A frozen or dead process: no more acks written, no lease renewed, nothing released."""
     d._bg_stop.set()
     d._bg_wake.set()
-    assert d._bg is not None
-    d._bg.join(5)
-    assert not d._bg.is_alive()
+    assert d._bg.thread is not None
+    d._bg.thread.join(5)
+    assert not d._bg.thread.is_alive()
 
 
 def raw() -> redis.Redis:

@@ -89,9 +89,9 @@ def crash(driver: SqliteDriver) -> None:
     renewal, settle writing) stops; nothing is released or closed."""
     driver._bg_stop.set()
     driver._bg_wake.set()
-    assert driver._bg is not None
-    driver._bg.join(5)
-    assert not driver._bg.is_alive()
+    assert driver._bg.thread is not None
+    driver._bg.thread.join(5)
+    assert not driver._bg.thread.is_alive()
 
 
 # -- basics ----------------------------------------------------------------------------------

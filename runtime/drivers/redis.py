@@ -54,7 +54,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from ..errors import Canceled, ConfigError, DriverError, InvalidMessage, PublishTimeout
-from ..queue.driver import Capabilities, Delivery, Driver, DriverConsumer, QueueStats
+from ..queue.driver import BackgroundLoop, Capabilities, Delivery, Driver, DriverConsumer, QueueStats
 from ..queue.message import Message
 from .redis_scripts import _ACK, _CLAIM, _PURGE, _PUT_BOUNDED, _RELEASE, _RENEW, _RETRY, _STATS, _TAKE
 
@@ -134,9 +134,8 @@ class RedisDriver(Driver):
         self._names: set[str] = set()
         self._cond = threading.Condition()  # room freed (bounded publishers wait on it)
         self._room = 0
-        self._bg: threading.Thread | None = None
-        self._bg_stop = threading.Event()
-        self._bg_wake = threading.Event()
+        self._bg = BackgroundLoop()
+        self._bg_stop, self._bg_wake = self._bg.stop, self._bg.wake
         self._flush_lock = threading.Lock()
         self._warned_at: dict[str, float] = {}
         self.host = socket.gethostname()
@@ -231,17 +230,10 @@ class RedisDriver(Driver):
         self._scripts = {name: client.register_script(src) for name, src in (
             ("take", _TAKE), ("ack", _ACK), ("retry", _RETRY), ("release", _RELEASE), ("renew", _RENEW),
             ("claim", _CLAIM), ("stats", _STATS), ("put", _PUT_BOUNDED), ("purge", _PURGE))}
-        self._bg_stop.clear()
-        self._bg = threading.Thread(target=self._background, name=f"redis-driver {self.entry_id}", daemon=True)
-        self._bg.start()
+        self._bg.start(self._background, f"redis-driver {self.entry_id}")
 
     def _close(self) -> None:
-        if self._bg is not None:
-            self._bg_stop.set()
-            self._bg_wake.set()
-            if self._bg is not threading.current_thread():
-                self._bg.join()
-            self._bg = None
+        self._bg.join()
         client, self._client = self._client, None
         if client is not None:
             if self._acks and self.state == "closed":  # a graceful close (a reconnect keeps them queued)

@@ -46,7 +46,7 @@ from typing import Any, TypeVar
 import msgpack
 
 from ..errors import Canceled, ConfigError, DriverError, InvalidMessage, PublishTimeout, RuntimeHostError
-from ..queue.driver import Capabilities, Delivery, Driver, DriverConsumer, QueueStats
+from ..queue.driver import BackgroundLoop, Capabilities, Delivery, Driver, DriverConsumer, QueueStats
 from ..queue.message import Message
 from . import sqlite_schema as sql
 from .sqlite_schema import DELAYED, READY, TAKEN, SchemaError, SqliteUnavailable, unavailable
@@ -104,9 +104,8 @@ class SqliteDriver(Driver):
         self._arrivals: dict[str, int] = {}  # queue -> counter of arrivals seen by this process
         self._room: dict[str, int] = {}  # queue -> counter of claims and purges (bounded queues)
         self._consumers: set[SqliteConsumer] = set()
-        self._bg: threading.Thread | None = None
-        self._bg_stop = threading.Event()
-        self._bg_wake = threading.Event()
+        self._bg = BackgroundLoop()
+        self._bg_stop, self._bg_wake = self._bg.stop, self._bg.wake
         self._warned_at: dict[str, float] = {}  # queue -> when it was last said to be over max_length
 
     # -- open / close -------------------------------------------------------------------------
@@ -131,9 +130,7 @@ class SqliteDriver(Driver):
             self._conn = conn
         with self._read_lock:
             self._reader = reader
-        self._bg_stop.clear()
-        self._bg = threading.Thread(target=self._background, name=f"sqlite-driver {self.entry_id}", daemon=True)
-        self._bg.start()
+        self._bg.start(self._background, f"sqlite-driver {self.entry_id}")
 
     def _connect(self) -> sqlite3.Connection:
         try:
@@ -168,12 +165,7 @@ class SqliteDriver(Driver):
             raise DriverError(f"driver {self.entry_id}: {self.path}: cannot use WAL mode (got {mode!r})")
 
     def _close(self) -> None:
-        if self._bg is not None:
-            self._bg_stop.set()
-            self._bg_wake.set()
-            if self._bg is not threading.current_thread():
-                self._bg.join()
-            self._bg = None
+        self._bg.join()
         with self._lock:
             if self._conn is None:
                 return

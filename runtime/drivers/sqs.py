@@ -70,7 +70,7 @@ import botocore.config
 import botocore.exceptions
 
 from ..errors import ConfigError, DriverError, InvalidMessage
-from ..queue.driver import Capabilities, Delivery, Driver, DriverConsumer, QueueStats
+from ..queue.driver import BackgroundLoop, Capabilities, Delivery, Driver, DriverConsumer, QueueStats
 from ..queue.message import HeaderValue, Message
 from ..registry.drivers import env_name
 
@@ -285,9 +285,8 @@ class SqsDriver(Driver):
         self._lock = threading.Lock()
         self._released: OrderedDict[str, int] = OrderedDict()  # SQS message id -> releases not to count
         self._clamp_warned = False
-        self._bg: threading.Thread | None = None
-        self._bg_stop = threading.Event()
-        self._bg_wake = threading.Event()
+        self._bg = BackgroundLoop()
+        self._bg_stop, self._bg_wake = self._bg.stop, self._bg.wake
 
     def _setting(self, aws: dict[str, Any], key: str) -> str:
         """A config.aws value: Wippy's `<key>_env` variable when it is set and not empty, else
@@ -327,17 +326,10 @@ class SqsDriver(Driver):
         self._client = session.client("sqs", endpoint_url=self.endpoint, config=config)
         log.info("driver %s: SQS in %s%s", self.entry_id, self.region,
                  f" at {self.endpoint}" if self.endpoint else "")
-        self._bg_stop.clear()
-        self._bg = threading.Thread(target=self._background, name=f"sqs-driver {self.entry_id}", daemon=True)
-        self._bg.start()
+        self._bg.start(self._background, f"sqs-driver {self.entry_id}")
 
     def _close(self) -> None:
-        if self._bg is not None:
-            self._bg_stop.set()
-            self._bg_wake.set()
-            if self._bg is not threading.current_thread():
-                self._bg.join()
-            self._bg = None
+        self._bg.join()
         if self._client is not None and self._acks and self.state == "closed":
             try:
                 self._flush_acks()

@@ -128,6 +128,31 @@ class Backoff:
             delay = min(self.maximum, delay * 2 or self.initial)
 
 
+class BackgroundLoop:
+    """A driver's background thread (settles, lease renewal): started on open, stopped and
+    joined on close; `stop` and `wake` are the Events its loop waits on."""
+
+    def __init__(self) -> None:
+        self.thread: threading.Thread | None = None
+        self.stop = threading.Event()
+        self.wake = threading.Event()
+
+    def start(self, target: Callable[[], None], name: str) -> None:
+        self.stop.clear()
+        self.thread = threading.Thread(target=target, name=name, daemon=True)
+        self.thread.start()
+
+    def join(self) -> None:
+        """Stop the loop and wait for it (unless called from the loop itself)."""
+        thread = self.thread
+        if thread is not None:
+            self.stop.set()
+            self.wake.set()
+            if thread is not threading.current_thread():
+                thread.join()
+            self.thread = None
+
+
 class Driver:
     """Base class of queue drivers: one per `queue.driver.*` entry, owning its connections.
 
