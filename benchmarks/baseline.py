@@ -16,11 +16,7 @@ def raw_end_to_end_rate(handler_src: str, values: list[object], threads: int) ->
     """Messages per second from the first publish to the last handled, the host thread
     publishing (json.dumps, Queue.put) while `threads` workers consume."""
     q: queue.Queue[bytes | None] = queue.Queue()
-    ready = threading.Barrier(threads + 1)
-    workers = [threading.Thread(target=_worker, args=(handler_src, q, ready)) for _ in range(threads)]
-    for w in workers:
-        w.start()
-    ready.wait()
+    workers = _start_workers(handler_src, q, threads)
     t0 = time.perf_counter()
     for v in values:
         q.put(json.dumps(v).encode())
@@ -29,6 +25,16 @@ def raw_end_to_end_rate(handler_src: str, values: list[object], threads: int) ->
     for w in workers:
         w.join()
     return len(values) / (time.perf_counter() - t0)
+
+
+def _start_workers(handler_src: str, q: queue.Queue[bytes | None], threads: int) -> list[threading.Thread]:
+    """`threads` workers, returned once each has its Lua state ready."""
+    ready = threading.Barrier(threads + 1)
+    workers = [threading.Thread(target=_worker, args=(handler_src, q, ready)) for _ in range(threads)]
+    for w in workers:
+        w.start()
+    ready.wait()
+    return workers
 
 
 def _worker(handler_src: str, q: queue.Queue[bytes | None], ready: threading.Barrier) -> None:
@@ -50,11 +56,7 @@ def raw_rate(handler_src: str, bodies: list[bytes], threads: int) -> float:
         q.put(b)
     for _ in range(threads):
         q.put(None)
-    ready = threading.Barrier(threads + 1)
-    workers = [threading.Thread(target=_worker, args=(handler_src, q, ready)) for _ in range(threads)]
-    for w in workers:
-        w.start()
-    ready.wait()
+    workers = _start_workers(handler_src, q, threads)
     t0 = time.perf_counter()
     for w in workers:
         w.join()
