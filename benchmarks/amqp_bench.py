@@ -34,6 +34,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from .common import threads_publishing
+
 ROOT = Path(__file__).resolve().parent.parent
 URL = os.environ.get("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 PREFETCH = int(os.environ.get("BENCH_PREFETCH", "64"))
@@ -87,28 +89,7 @@ def _delete(queue: str) -> None:
 
 def _publish_threads(publish: Any, n: int, threads: int) -> float:
     per = n // threads
-    go = threading.Event()
-    errors: list[BaseException] = []
-
-    def body() -> None:
-        go.wait()
-        try:
-            for _ in range(per):
-                publish()
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
-
-    ts = [threading.Thread(target=body) for _ in range(threads)]
-    for t in ts:
-        t.start()
-    start = time.perf_counter()
-    go.set()
-    for t in ts:
-        t.join()
-    elapsed = time.perf_counter() - start
-    if errors:
-        raise errors[0]
-    return per * threads / elapsed
+    return per * threads / threads_publishing(publish, per, threads)
 
 
 def ours(mode: str, n: int) -> dict[str, Any]:

@@ -122,6 +122,54 @@ def driver_pool(consumer: Any, threads: int, n: int, prefetch: int) -> list[thre
     return ts
 
 
+def threads_publishing(send: Callable[[], object], calls: int, threads: int) -> float:
+    """Seconds for `threads` threads, let go together, to make `calls` calls of `send` each
+    (the first error of any thread is raised)."""
+    go = threading.Event()
+    errors: list[BaseException] = []
+
+    def body() -> None:
+        go.wait()
+        try:
+            for _ in range(calls):
+                send()
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    ts = [threading.Thread(target=body) for _ in range(threads)]
+    for t in ts:
+        t.start()
+    t0 = time.perf_counter()
+    go.set()
+    for t in ts:
+        t.join()
+    elapsed = time.perf_counter() - t0
+    if errors:
+        raise errors[0]
+    return elapsed
+
+
+def pool_end_to_end(consumer: Any, publish_all: Callable[[], object], threads: int, n: int,
+                    prefetch: int) -> tuple[float, float]:
+    """One thread runs `publish_all` while a `driver_pool` acks n messages: (seconds until
+    the last ack, seconds the publisher took)."""
+    published: list[float] = []
+
+    def publisher() -> None:
+        t = time.perf_counter()
+        publish_all()
+        published.append(time.perf_counter() - t)
+
+    t0 = time.perf_counter()
+    workers = driver_pool(consumer, threads, n, prefetch)
+    pub = threading.Thread(target=publisher)
+    pub.start()
+    pub.join()
+    for t in workers:
+        t.join()
+    return time.perf_counter() - t0, published[0]
+
+
 def timed(fn: Callable[[], object]) -> float:
     t0 = time.perf_counter()
     fn()

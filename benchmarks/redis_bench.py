@@ -40,7 +40,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from .common import driver_pool
+from .common import driver_pool, pool_end_to_end, threads_publishing
 
 ROOT = Path(__file__).resolve().parent.parent
 BODY = b'{"id": 1, "numbers": [1, 2, 3, 4, 5, 6, 7, 8, 9, 10], "text": "hello"}'
@@ -151,44 +151,19 @@ def ours_end_to_end(url: str, prefix: str, n: int) -> dict[str, Any]:
 
     d = _driver(url, prefix)
     consumer = d.consume("q", "bench", PREFETCH)
-    published: list[float] = []
 
-    def publisher() -> None:
-        t = time.perf_counter()
+    def publish_all() -> None:
         for _ in range(n):
             d.publish("q", [Message.new(BODY)])
-        published.append(time.perf_counter() - t)
 
-    t0 = time.perf_counter()
-    workers = _pool(consumer, THREADS, n)
-    pub = threading.Thread(target=publisher)
-    pub.start()
-    pub.join()
-    for t in workers:
-        t.join()
-    seconds = time.perf_counter() - t0
+    seconds, published = pool_end_to_end(consumer, publish_all, THREADS, n, PREFETCH)
     consumer.close()
     d.close()
-    return {"end_to_end_per_s": n / seconds, "publish_per_s": n / published[0], "seconds": seconds}
+    return {"end_to_end_per_s": n / seconds, "publish_per_s": n / published, "seconds": seconds}
 
 
 def _threads_publishing(n: int, send: Any) -> float:
-    per = n // THREADS
-    go = threading.Event()
-
-    def body() -> None:
-        go.wait()
-        for _ in range(per):
-            send()
-
-    ts = [threading.Thread(target=body) for _ in range(THREADS)]
-    for t in ts:
-        t.start()
-    t0 = time.perf_counter()
-    go.set()
-    for t in ts:
-        t.join()
-    return time.perf_counter() - t0
+    return threads_publishing(send, n // THREADS, THREADS)
 
 
 def ours_publish(url: str, prefix: str, n: int) -> dict[str, Any]:

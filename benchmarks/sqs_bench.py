@@ -41,7 +41,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from .common import driver_pool
+from .common import driver_pool, pool_end_to_end, threads_publishing
 
 ROOT = Path(__file__).resolve().parent.parent
 BODY = b'{"id": 1, "numbers": [1, 2, 3, 4, 5, 6, 7, 8, 9, 10], "text": "hello"}'
@@ -164,28 +164,18 @@ def end_to_end(endpoint: str, queue: str, n: int) -> dict[str, Any]:
     d = _driver(endpoint, queue)
     try:
         consumer = d.consume(queue, "bench", PREFETCH, {"wait_time": 1})
-        published: list[float] = []
 
-        def publisher() -> None:
-            t = time.perf_counter()
+        def publish_all() -> None:
             for i in range(0, n, 10):
                 d.publish(queue, [Message.new(BODY) for _ in range(min(10, n - i))])
-            published.append(time.perf_counter() - t)
 
-        t0 = time.perf_counter()
-        workers = _pool(consumer, THREADS, n)
-        pub = threading.Thread(target=publisher)
-        pub.start()
-        pub.join()
-        for t in workers:
-            t.join()
-        seconds = time.perf_counter() - t0
+        seconds, published = pool_end_to_end(consumer, publish_all, THREADS, n, PREFETCH)
         consumer.close()
         _settled(d, queue)
     finally:
         d.delete_queue(queue)
         d.close()
-    return {"end_to_end_per_s": n / seconds, "publish_per_s": n / published[0], "seconds": seconds}
+    return {"end_to_end_per_s": n / seconds, "publish_per_s": n / published, "seconds": seconds}
 
 
 def _publish(endpoint: str, queue: str, n: int, batch: int) -> dict[str, Any]:
@@ -194,21 +184,8 @@ def _publish(endpoint: str, queue: str, n: int, batch: int) -> dict[str, Any]:
     d = _driver(endpoint, queue)
     try:
         calls = n // batch // THREADS
-        go = threading.Event()
-
-        def body() -> None:
-            go.wait()
-            for _ in range(calls):
-                d.publish(queue, [Message.new(BODY) for _ in range(batch)])
-
-        ts = [threading.Thread(target=body) for _ in range(THREADS)]
-        for t in ts:
-            t.start()
-        t0 = time.perf_counter()
-        go.set()
-        for t in ts:
-            t.join()
-        seconds = time.perf_counter() - t0
+        seconds = threads_publishing(lambda: d.publish(queue, [Message.new(BODY) for _ in range(batch)]), calls,
+                                     THREADS)
         total = calls * batch * THREADS
         assert d.stats(queue).ready == total
     finally:
