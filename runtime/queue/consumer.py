@@ -178,15 +178,20 @@ class ConsumerPool:
         return self._pop(most) or None
 
     @staticmethod
-    def _unstarted(w: _Worker) -> int:
-        """How many messages of a worker's batch have not started (read from another thread:
-        a close estimate is enough)."""
+    def _running_index(w: _Worker, batch: list[Delivery]) -> int:
+        """Where in its batch the message a worker runs now is (read from another thread: a
+        close estimate is enough for the refill; stop reads it once the worker overran)."""
+        current = w.current
+        if current is not None:  # settled in Python, or run one at a time
+            return next((j for j, d in enumerate(batch) if d is current), 0)
+        if w.batches and w.handler is not None:  # inside a batch call
+            return w.start + max(w.handler.running(), 1) - 1  # type: ignore[attr-defined]
+        return 0
+
+    def _unstarted(self, w: _Worker) -> int:
+        """How many messages of a worker's batch have not started."""
         batch = w.batch
-        if not batch:
-            return 0
-        if w.batches and w.handler is not None:
-            return max(0, len(batch) - w.start - max(w.handler.running(), 1))  # type: ignore[attr-defined]
-        return len(batch) - 1
+        return max(0, len(batch) - 1 - self._running_index(w, batch)) if batch else 0
 
     def _pop(self, most: int) -> list[Delivery]:
         buffer = self._buffer
@@ -473,17 +478,12 @@ class ConsumerPool:
         return overran
 
     def _abandon(self, w: _Worker, batch: list[Delivery]) -> None:
-        """A worker still running past the stop timeout: the messages of its batch that
+        """A worker still running past the stop timeout: the messages of its batch call that
         its handler acked are acked, the running one and those after it go back."""
         assert self.source is not None
-        current = w.current
-        if current is not None:
-            i = next((j for j, d in enumerate(batch) if d is current), 0)
-        elif w.batches and len(batch) > 1 and w.handler is not None:
-            i = w.start + max(w.handler.running(), 1) - 1  # type: ignore[attr-defined]
+        i = self._running_index(w, batch)
+        if w.current is None and w.batches:  # inside a batch call: those before i ended in an ack
             self.source.ack_many(batch[w.start:i])
-        else:
-            i = 0
         self.source.release(batch[i:])
 
     def _return_buffered(self) -> None:
