@@ -130,8 +130,8 @@ class QueueRouter:
         self.registry = registry
         self.queues: dict[str, BoundQueue] = {}
         self.publish_timeout = PUBLISH_TIMEOUT
-        # (queue ID as given, namespace) -> its bound queue, for the per-message path; an entry
-        # counts only while the registry and the binding are the ones it was made with.
+        # (queue ID as given, namespace or Lua caller ID) -> its bound queue, for the per-message
+        # path; an entry counts only while the registry and the binding are the ones it was made with.
         self._resolved: dict[tuple[str, str | None], tuple[Registry, BoundQueue]] = {}
         # Set by the app: (security context, caller ID, queue ID); raises PermissionDenied
         # when a Lua caller may not publish there (SPEC §3).
@@ -153,14 +153,22 @@ class QueueRouter:
         return spec
 
     def bound(self, queue_id: str, namespace: str | None = None) -> BoundQueue:
-        hit = self._resolved.get((queue_id, namespace))
+        bound = self._cached((queue_id, namespace))
+        if bound is None:
+            bound = self._bound(queue_id, namespace)
+            self._remember((queue_id, namespace), bound)
+        return bound
+
+    def _cached(self, key: tuple[str, str | None]) -> BoundQueue | None:
+        hit = self._resolved.get(key)
         if hit is not None and hit[0] is self.registry and self.queues.get(hit[1].spec.id) is hit[1]:
             return hit[1]
-        bound = self._bound(queue_id, namespace)
+        return None
+
+    def _remember(self, key: tuple[str, str | None], bound: BoundQueue) -> None:
         if len(self._resolved) > 10_000:
             self._resolved.clear()  # names from Lua are not bounded: neither is this, otherwise
-        self._resolved[(queue_id, namespace)] = (self.registry, bound)
-        return bound
+        self._resolved[key] = (self.registry, bound)
 
     def _bound(self, queue_id: str, namespace: str | None) -> BoundQueue:
         spec = self.spec(queue_id, namespace)
@@ -190,21 +198,15 @@ class QueueRouter:
     def publish(self, caller_id: str, queue_id: str, body: str, headers_json: str, security: Any = None,
                 delay: Any = None, cancel: threading.Event | None = None) -> str:
         """`body` is the queue codec's encoding made in Lua; for binary codecs its bytes come
-        as the code points 0-255 of a str (lupa hands Lua strings over as UTF-8 text). The
-        per-message path of `queue.publish`: kept flat."""
-        hit = self._resolved.get((queue_id, caller_id))
-        if hit is not None and hit[0] is self.registry and self.queues.get(hit[1].spec.id) is hit[1]:
-            bound = hit[1]
-        else:
+        as the code points 0-255 of a str (lupa hands Lua strings over as UTF-8 text)."""
+        bound = self._cached((queue_id, caller_id))  # no split of the caller ID per message
+        if bound is None:
             bound = self.bound(queue_id, caller_id.split(":", 1)[0])
-            self._resolved[(queue_id, caller_id)] = (self.registry, bound)
+            self._remember((queue_id, caller_id), bound)
         if self.authorize is not None:
             self.authorize(security, caller_id, bound.spec.id)
         message = Message.new(bound.codec.from_lua(body), json.loads(headers_json) if headers_json else None)
-        if not bound.accepting:
-            raise QueueUnavailable(f"queue '{bound.spec.id}' is stopped")
-        bound.driver.publish(bound.name, (message,), self.publish_timeout, cancel,
-                             delay=0.0 if delay is None else check_delay(delay))
+        bound.put(message, self.publish_timeout, cancel, delay=check_delay(delay))
         return message.id
 
     def info(self, caller_id: str, queue_id: str) -> dict[str, Any]:
