@@ -232,15 +232,24 @@ end
 """
 
 
-@pytest.fixture(scope="module")
-def decode_both(tmp_path_factory):
+def _both_paths(tmp_path_factory, name, files):
+    """A started app whose t:fast and t:interpreted run the same Lua, JIT on and off; a call
+    of both."""
     from conftest import write_app
 
     from runtime import App
-    root = tmp_path_factory.mktemp("decode")
-    write_app(root, {"app.yaml": DECODE_BOTH, "d.lua": DECODE_LUA})
+    root = tmp_path_factory.mktemp(name)
+    write_app(root, files)
     app = App.load(root)
-    return lambda s: (app.call("t:fast", s), app.call("t:interpreted", s))
+    app.start()
+    return app, lambda s: (app.call("t:fast", s), app.call("t:interpreted", s))
+
+
+@pytest.fixture(scope="module")
+def decode_both(tmp_path_factory):
+    app, both = _both_paths(tmp_path_factory, "decode", {"app.yaml": DECODE_BOTH, "d.lua": DECODE_LUA})
+    yield both
+    app.stop()
 
 
 @pytest.mark.parametrize("text", [
@@ -294,14 +303,8 @@ end
 
 @pytest.fixture(scope="module")
 def encode_both(tmp_path_factory):
-    from conftest import write_app
-
-    from runtime import App
-    root = tmp_path_factory.mktemp("encode")
-    write_app(root, {"app.yaml": ENCODE_BOTH, "e.lua": ENCODE_LUA})
-    app = App.load(root)
-    app.start()
-    yield lambda s: (app.call("t:fast", s), app.call("t:interpreted", s))
+    app, both = _both_paths(tmp_path_factory, "encode", {"app.yaml": ENCODE_BOTH, "e.lua": ENCODE_LUA})
+    yield both
     app.stop()
 
 
